@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` and `make test` (as root on Debian/Ubuntu).
+VENV ?= .venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test lint deps test-deps bench clean
+
+deps:
+	@bash scripts/bootstrap.sh run
+
+test-deps:
+	@bash scripts/bootstrap.sh test
+
+run: deps
+	$(VENV)/bin/nodetune run $(ARGS)
+
+lint: test-deps
+	$(VENV)/bin/ruff check agent probes tests bench
+	$(VENV)/bin/ruff format --check agent probes tests bench
+
+test: lint
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench:
+	@bash scripts/bootstrap.sh bench
+	$(VENV)/bin/python bench/runqlat_overhead.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+"""nodetune node agent."""
+
+__version__ = "0.1.0"

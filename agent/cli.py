@@ -1,0 +1,128 @@
+"""Command line: ``nodetune run`` and ``nodetune probes``.
+
+Exit codes: 0 done; 2 invalid input (nothing was touched). Every flag is validated, whole, by
+``AgentConfig`` before the host is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent import __version__, logs
+from agent.config import DEFAULT_PORT, AgentConfig, ConfigError, parse_listen, parse_probes
+
+log = logging.getLogger("agent.cli")
+
+
+def _common(p: argparse.ArgumentParser, log_level: str = "info") -> None:
+    p.add_argument("--host-root", default="/", help="where the host's / is mounted (default: /)")
+    p.add_argument("--probes", default="all", help="comma list of probes, 'all' (default) or 'none'")
+    p.add_argument("--log-level", default=log_level, help=f"debug, info, warning, error (default {log_level})")
+    p.add_argument("--cache-dir", default="/var/cache/nodetune", help="private state, e.g. merged kernel headers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodetune", description="Kubernetes node agent: latency signals per workload.")
+    parser.add_argument("--version", action="version", version=f"nodetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="load probes and serve Prometheus metrics")
+    run.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help=f"HOST:PORT (default 0.0.0.0:{DEFAULT_PORT})")
+    _common(run)
+    run.add_argument("--max-concurrent-scrapes", type=int, default=4, help="more get HTTP 503 (default 4)")
+    run.add_argument("--runqlat-max-cgroups", type=int, default=1024, help="kernel histograms kept (default 1024)")
+    run.add_argument("--runqlat-max-pid-slots", type=int, default=1 << 18, help="pid slot array bound (default 262144)")
+
+    probes = sub.add_parser("probes", help="say, for each probe, whether it loads here and how")
+    _common(probes, log_level="warning")
+    probes.add_argument("--json", action="store_true", help="machine-readable output")
+    probes.add_argument("--print-c", metavar="PROBE", help=argparse.SUPPRESS)  # hidden: generated C + cflags
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    kwargs: dict[str, object] = {
+        "host_root": Path(args.host_root),
+        "probes": parse_probes(args.probes),
+        "log_level": args.log_level,
+        "cache_dir": Path(args.cache_dir),
+    }
+    if args.command == "run":
+        host, port = parse_listen(args.listen)
+        kwargs.update(
+            listen_host=host,
+            listen_port=port,
+            max_concurrent_scrapes=args.max_concurrent_scrapes,
+            runqlat_max_cgroups=args.runqlat_max_cgroups,
+            runqlat_max_pid_slots=args.runqlat_max_pid_slots,
+        )
+    return AgentConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def cmd_probes(config: AgentConfig, as_json: bool, print_c: str | None) -> int:
+    from agent.daemon import Agent
+
+    agent = Agent(config)
+    if print_c:
+        probe = next((p for p in agent.candidates if p.name == print_c), None)
+        if probe is None:
+            print(f"nodetune: unknown probe {print_c!r}", file=sys.stderr)
+            return 2
+        text, cflags = probe.render()
+        print(f"// cflags: {' '.join(cflags)}\n{text}")
+        return 0
+    headers = agent.kernel.headers
+    try:
+        agent.load_probes()
+        report = {
+            "kernel": agent.kernel.release,
+            "headers": headers.describe() if hasattr(headers, "describe") else f"none: {headers}",
+            "probes": [
+                {
+                    "probe": s.name,
+                    "loadable": s.attach != "",
+                    "attach": s.attach or None,
+                    "reason": s.reason or None,
+                    "skipped": s.skipped,
+                }
+                for s in agent.probes.values()
+            ],
+        }
+    finally:
+        agent.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"kernel:  {report['kernel']}\nheaders: {report['headers']}")
+        for p in report["probes"]:
+            if p["loadable"]:
+                print(f"{p['probe']}: loadable, attach={p['attach']}")
+            else:
+                print(f"{p['probe']}: NOT loadable: {p['reason']}")
+            for strategy, why in p["skipped"].items():
+                print(f"  {strategy} not used: {why}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"nodetune: {e}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level)
+    if args.command == "run":
+        from agent.daemon import run
+
+        return run(config)
+    return cmd_probes(config, args.json, args.print_c)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Agent settings: one dataclass, every field with its unit, default and reason.
+
+Settings come from the command line (``agent/cli.py``); validation happens here, whole, before
+anything touches the host: a bad value raises ``ConfigError`` and the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.logs import LEVELS
+from probes import PROBES
+
+DEFAULT_PORT = 9662
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port``, ``:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ConfigError(f"--listen {value!r}: expected HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"--listen {value!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--listen {value!r}: port out of range 0-65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"--listen {value!r}: {host!r} is not an IP address") from None
+    return host, port
+
+
+def parse_probes(value: str) -> tuple[str, ...]:
+    """``all`` (default), ``none``, or a comma list of known probe names."""
+    if value.strip() in ("all", ""):
+        return tuple(PROBES)
+    if value.strip() == "none":
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise ConfigError(f"--probes: unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}")
+    return names
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of ``nodetune run``."""
+
+    listen_host: str = "0.0.0.0"
+    """Address the metrics server binds. Default: all addresses, so Prometheus can scrape the pod."""
+    listen_port: int = DEFAULT_PORT
+    """TCP port of /metrics, /healthz, /readyz. Default 9662 (nodetune's port in the contract)."""
+    host_root: Path = Path("/")
+    """Where the host's / is visible (DaemonSet: the host mounted at e.g. /host). Default: /."""
+    probes: tuple[str, ...] = field(default_factory=lambda: tuple(PROBES))
+    """BPF probes to load. Default: all; each one the kernel cannot run is reported, not fatal."""
+    log_level: str = "info"
+    """One of debug, info, warning, error."""
+    cache_dir: Path = Path("/var/cache/nodetune")
+    """Private state: merged kernel header trees. Never /lib/modules."""
+    max_concurrent_scrapes: int = 4
+    """Scrapes served at once; more get HTTP 503 (as node_exporter's --web.max-requests)."""
+    health_timeout_s: float = 30.0
+    """/healthz fails when the main loop has not ticked for this long (seconds)."""
+    runqlat_max_cgroups: int = 1024
+    """Histograms kept in the kernel (one per cgroup whose tasks waited). Memory: 200 B x CPUs each."""
+    runqlat_max_pid_slots: int = 1 << 18
+    """Upper bound of the pid-indexed slot array (24 B each). Above pid_max pids share slots."""
+
+    def __post_init__(self) -> None:
+        if self.log_level not in LEVELS:
+            raise ConfigError(f"--log-level {self.log_level!r}: expected one of {', '.join(LEVELS)}")
+        if self.max_concurrent_scrapes < 1:
+            raise ConfigError("--max-concurrent-scrapes must be at least 1")
+        if not 1 <= self.runqlat_max_cgroups <= 65536:
+            raise ConfigError("--runqlat-max-cgroups must be within 1-65536")
+        if self.runqlat_max_pid_slots < 1024 or self.runqlat_max_pid_slots & (self.runqlat_max_pid_slots - 1):
+            raise ConfigError("--runqlat-max-pid-slots must be a power of two >= 1024")
+        if not self.host_root.is_dir():
+            raise ConfigError(f"--host-root {self.host_root}: not a directory")

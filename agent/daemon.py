@@ -1,0 +1,159 @@
+"""``nodetune run``: load the probes, serve metrics, stay alive until SIGTERM.
+
+Start-up order: HTTP server first (so /healthz answers while probes compile), then every requested
+probe is loaded once (a probe that cannot load is logged once and reported as ``probe_up 0``; the
+agent runs on), then /readyz turns 200. The main loop only beats a heartbeat for /healthz: metrics
+are read at scrape time, never polled. SIGTERM/SIGINT detach every probe and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.exporter import Exporter, MetricsServer
+from agent.paths import HostPaths
+from agent.workloads import Workloads
+from probes import PROBES
+from probes.base import KernelFacts, Probe, ProbeUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeState:
+    name: str
+    probe: Probe | None = None  # set while loaded
+    attach: str = ""
+    reason: str = ""  # why it is not up
+    skipped: dict[str, str] = field(default_factory=dict)  # strategy -> why it was passed over
+
+
+def make_probe(name: str, config: AgentConfig, kernel: KernelFacts, workloads: Workloads) -> Probe:
+    cls = PROBES[name]
+    if name == "runqlat":
+        return cls(
+            kernel,
+            workloads,
+            max_cgroups=config.runqlat_max_cgroups,
+            max_pid_slots=config.runqlat_max_pid_slots,
+        )
+    return cls(kernel, workloads)
+
+
+class Agent:
+    """The daemon's state: probes, identity service, exporter, server."""
+
+    def __init__(self, config: AgentConfig, extra_probes: Iterable[Probe] = ()) -> None:
+        self.config = config
+        self.paths = HostPaths(config.host_root)
+        self.kernel = KernelFacts(host_root=self.paths.root, sys_root=self.paths.sys, cache_dir=config.cache_dir)
+        self.workloads = Workloads(self.paths.cgroup_v2())
+        self.exporter = Exporter(static=self.agent_metrics)
+        self.probes: dict[str, ProbeState] = {}
+        self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
+        self.candidates.extend(extra_probes)
+        self.stop_event = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._ready = False
+        self.server: MetricsServer | None = None
+
+    # --- health ---------------------------------------------------------------------------
+    def healthy(self) -> bool:
+        return time.monotonic() - self._heartbeat < self.config.health_timeout_s
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def agent_metrics(self) -> list[Metric]:
+        build = GaugeMetricFamily("nodetune_build_info", "nodetune version running.", labels=["version"])
+        build.add_metric([__version__], 1)
+        up = GaugeMetricFamily("nodetune_probe_up", "Whether a BPF probe is loaded and attached.", labels=["probe"])
+        info = GaugeMetricFamily(
+            "nodetune_probe_info", "Attach strategy of each loaded probe.", labels=["probe", "attach"]
+        )
+        for state in self.probes.values():
+            up.add_metric([state.name], 1 if state.probe else 0)
+            if state.probe:
+                info.add_metric([state.name, state.attach], 1)
+        return [build, up, info]
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start_server(self) -> None:
+        self.server = MetricsServer(
+            (self.config.listen_host, self.config.listen_port),
+            self.exporter,
+            healthy=self.healthy,
+            ready=self.ready,
+            max_concurrent_scrapes=self.config.max_concurrent_scrapes,
+        )
+        self.server.start()
+        host, port = self.server.server_address[:2]
+        log.info("serving metrics on %s:%s", host, port)
+
+    def load_probes(self) -> None:
+        headers = self.kernel.headers
+        log.info("kernel %s; %s", self.kernel.release, headers.describe() if hasattr(headers, "describe") else headers)
+        started = time.monotonic()
+        for probe in self.candidates:
+            state = ProbeState(probe.name)
+            try:
+                probe.load()
+            except ProbeUnavailable as e:
+                state.reason = e.reason
+                log.warning("probe %s unavailable: %s", probe.name, e.reason)
+            except Exception as e:  # a bug in a probe must not stop the agent
+                state.reason = f"{type(e).__name__}: {e}"
+                log.exception("probe %s failed to load", probe.name)
+            else:
+                state.probe, state.attach = probe, probe.attach or ""
+                self.exporter.register(probe.name, probe)
+            state.skipped = dict(probe.skipped)
+            self.probes[probe.name] = state
+        self._ready = True
+        log.info("probes loaded in %.2fs: %s", time.monotonic() - started, self.probe_summary())
+
+    def probe_summary(self) -> str:
+        return ", ".join(f"{s.name}={s.attach or 'down'}" for s in self.probes.values()) or "none"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        for state in self.probes.values():
+            if state.probe is not None:
+                self.exporter.unregister(state.name)
+                state.probe.close()
+                state.probe = None
+        log.info("probes detached")
+
+    def run_forever(self, tick_s: float = 1.0) -> None:
+        while not self.stop_event.wait(tick_s):
+            self._heartbeat = time.monotonic()
+
+
+def run(config: AgentConfig) -> int:
+    agent = Agent(config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start_server()
+        agent.load_probes()
+        agent.run_forever()
+    finally:
+        agent.close()
+    return 0

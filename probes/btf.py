@@ -1,0 +1,180 @@
+"""Minimal reader of kernel BTF (``/sys/kernel/btf/vmlinux``) for load-time struct offsets.
+
+Probes must be correct on kernels whose headers do not match (the machines build with 6.1 headers
+against a 6.18 kernel), so every struct field a BPF program reads is located here, at load time,
+from the running kernel's own type information and passed to the C code as a macro.
+
+Only what the probes need is decoded: member offsets of named structs (following anonymous
+struct/union members) and the parameter count of a raw tracepoint's ``btf_trace_<name>`` typedef.
+Format: Documentation/bpf/btf.rst (type section of ``struct btf_type`` records + string section).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+BTF_MAGIC = 0xEB9F
+
+# BTF kinds (include/uapi/linux/btf.h) and the size of the data that follows each record.
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION = 1, 2, 3, 4, 5
+KIND_ENUM, KIND_FWD, KIND_TYPEDEF = 6, 7, 8
+KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 13, 14, 15, 17, 19
+_FIXED_EXTRA = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
+_PER_MEMBER_EXTRA = {
+    KIND_STRUCT: 12,
+    KIND_UNION: 12,
+    KIND_ENUM: 8,
+    KIND_FUNC_PROTO: 8,
+    KIND_DATASEC: 12,
+    KIND_ENUM64: 12,
+}
+_MODIFIERS = {KIND_TYPEDEF, 9, 10, 11, 18}  # typedef, volatile, const, restrict, type_tag
+
+
+class BTFError(Exception):
+    """The BTF blob is missing, malformed, or lacks the type asked for."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """A struct member: byte offset from the start of the outer struct and byte size."""
+
+    offset: int
+    size: int
+
+
+class BTF:
+    """Parsed type index of one BTF blob (types are decoded lazily by id)."""
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) < 24:
+            raise BTFError("BTF blob too short")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != BTF_MAGIC:
+            raise BTFError(f"bad BTF magic {magic:#x}")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._data = data
+        self._types_start = hdr_len + type_off
+        self._types_end = self._types_start + type_len
+        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        self._pos: list[int] = [0]  # type id -> record offset; id 0 is void
+        pos = self._types_start
+        unpack = struct.unpack_from
+        while pos < self._types_end:
+            self._pos.append(pos)
+            info = unpack("<I", data, pos + 4)[0]
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            pos += 12 + _FIXED_EXTRA.get(kind, 0) + vlen * _PER_MEMBER_EXTRA.get(kind, 0)
+
+    @classmethod
+    def from_file(cls, path: str | Path = "/sys/kernel/btf/vmlinux") -> BTF:
+        try:
+            return cls(Path(path).read_bytes())
+        except OSError as e:
+            raise BTFError(f"cannot read {path}: {e.strerror}") from e
+
+    def _name_offsets(self, name: str) -> set[int]:
+        """All string-section offsets at which ``name`` is stored as a whole string."""
+        needle = name.encode() + b"\0"
+        found: set[int] = set()
+        if self._strings.startswith(needle):
+            found.add(0)
+        start = 0
+        while (i := self._strings.find(b"\0" + needle, start)) >= 0:
+            found.add(i + 1)
+            start = i + 1
+        return found
+
+    def _record(self, type_id: int) -> tuple[int, int, int, int, int]:
+        """(name_off, kind, vlen, kind_flag, size_or_type) of a type id."""
+        pos = self._pos[type_id]
+        name_off, info, size_or_type = struct.unpack_from("<III", self._data, pos)
+        return name_off, (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, size_or_type
+
+    def _find(self, name: str, kinds: set[int]) -> int:
+        offsets = self._name_offsets(name)
+        if offsets:
+            for type_id in range(1, len(self._pos)):
+                name_off, kind, vlen, _, _ = self._record(type_id)
+                # A forward declaration or an empty struct is not the definition.
+                if name_off in offsets and kind in kinds and (kind not in (KIND_STRUCT, KIND_UNION) or vlen):
+                    return type_id
+        raise BTFError(f"type {name!r} not found in BTF")
+
+    def _string(self, off: int) -> str:
+        end = self._strings.index(b"\0", off)
+        return self._strings[off:end].decode()
+
+    def _size_of(self, type_id: int) -> int:
+        for _ in range(32):  # modifier chains are short; bound the walk anyway
+            _, kind, vlen, _, size_or_type = self._record(type_id)
+            if kind in _MODIFIERS:
+                type_id = size_or_type
+                continue
+            if kind == KIND_PTR:
+                return 8
+            if kind == KIND_ARRAY:
+                elem, _index, nelems = struct.unpack_from("<III", self._data, self._pos[type_id] + 12)
+                return self._size_of(elem) * nelems
+            return size_or_type
+        raise BTFError(f"type chain too long at id {type_id}")
+
+    def _members(self, type_id: int, base_bits: int = 0):
+        """Yield (name, bit_offset, member_type_id), flattening anonymous struct/union members."""
+        _, kind, vlen, kind_flag, _ = self._record(type_id)
+        pos = self._pos[type_id] + 12
+        for i in range(vlen):
+            name_off, mtype, offset = struct.unpack_from("<III", self._data, pos + 12 * i)
+            bits = base_bits + ((offset & 0xFFFFFF) if kind_flag else offset)
+            if name_off == 0:
+                inner = self._strip(mtype)
+                if self._record(inner)[1] in (KIND_STRUCT, KIND_UNION):
+                    yield from self._members(inner, bits)
+                continue
+            yield self._string(name_off), bits, mtype
+
+    def _strip(self, type_id: int) -> int:
+        for _ in range(32):
+            _, kind, _, _, size_or_type = self._record(type_id)
+            if kind not in _MODIFIERS:
+                return type_id
+            type_id = size_or_type
+        raise BTFError(f"type chain too long at id {type_id}")
+
+    def member(self, struct_name: str, member: str) -> Member:
+        """Offset and size of ``struct_name.member``; raises BTFError if absent."""
+        type_id = self._find(struct_name, {KIND_STRUCT})
+        for name, bits, mtype in self._members(type_id):
+            if name == member:
+                if bits % 8:
+                    raise BTFError(f"{struct_name}.{member} is a bitfield")
+                return Member(bits // 8, self._size_of(mtype))
+        raise BTFError(f"struct {struct_name} has no member {member!r}")
+
+    def has_member(self, struct_name: str, member: str) -> bool:
+        try:
+            self.member(struct_name, member)
+        except BTFError:
+            return False
+        return True
+
+    def raw_tracepoint_arg_count(self, tracepoint: str) -> int:
+        """How many arguments a raw tracepoint passes, from the ``btf_trace_<tp>`` typedef.
+
+        The kernel declares ``typedef void (*btf_trace_<tp>)(void *__data, proto...)`` for every
+        tracepoint (include/trace/bpf_probe.h); the first parameter is the hidden ``__data``.
+        vmlinux BTF keeps no parameter names for these prototypes, only their count and types.
+        """
+        type_id = self._strip_pointer(self._find(f"btf_trace_{tracepoint}", {KIND_TYPEDEF}))
+        _, kind, vlen, _, _ = self._record(type_id)
+        if kind != KIND_FUNC_PROTO:
+            raise BTFError(f"btf_trace_{tracepoint} is not a function prototype")
+        return vlen - 1
+
+    def _strip_pointer(self, type_id: int) -> int:
+        type_id = self._strip(type_id)
+        _, kind, _, _, target = self._record(type_id)
+        return self._strip(target) if kind == KIND_PTR else type_id

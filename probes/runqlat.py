@@ -1,0 +1,172 @@
+"""Run-queue latency probe: per-cgroup log2 histograms of wakeup/preemption-to-run time.
+
+Kernel interface: ``sched:sched_wakeup``, ``sched:sched_wakeup_new`` and ``sched:sched_switch``,
+attached as raw tracepoints (task fields at BTF offsets; cheapest) or, failing that, as classic
+tracepoints (fields from the tracefs format). The BPF side is ``runqlat.bpf.c``.
+
+The cgroup of a woken task is the one it had when it last ran, recorded at its switch-out; the
+waker is ``current`` at wakeup time, not the wakee. Histogram entries of cgroups that no longer
+exist are deleted at scrape time once two scrapes in a row could not find them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from probes import tracefs
+from probes.base import CgroupLabeler, KernelFacts, Probe
+from probes.histogram import NSLOTS, cumulative_buckets
+
+log = logging.getLogger(__name__)
+
+RAW_TRACEPOINT = "raw_tracepoint"
+TRACEPOINT = "tracepoint"
+TASK_REPORT_MASK = 0xFF  # TASK_REPORT_MAX - 1, TASK_REPORT_MAX = 0x100 (include/linux/sched.h, >= 4.14)
+STAT_REASONS = ("unattributed", "cgroup_map_full", "pid_slot_evicted")  # order of enum runqlat_stat
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pid_slots_for(pid_max: int, cap: int) -> int:
+    """Slots in the pid-indexed array: enough for every pid up to ``cap`` (a power of two).
+
+    With pid_max <= cap every pid has its own slot; above it pids share slots direct-mapped and a
+    waiting task can lose its slot to a colliding one (counted as ``pid_slot_evicted``).
+    """
+    return min(_pow2_at_least(max(pid_max, 1024)), _pow2_at_least(cap))
+
+
+class RunqlatProbe(Probe):
+    """See module docstring."""
+
+    name = "runqlat"
+    strategies = (RAW_TRACEPOINT, TRACEPOINT)
+    source_file = "runqlat.bpf.c"
+
+    def __init__(
+        self,
+        kernel: KernelFacts,
+        labeler: CgroupLabeler | None = None,
+        only_strategies: tuple[str, ...] | None = None,
+        max_cgroups: int = 1024,
+        max_pid_slots: int = 1 << 18,
+        prev_state_from_field: bool = False,
+    ) -> None:
+        super().__init__(kernel, labeler, only_strategies)
+        self.max_cgroups = max_cgroups
+        self.max_pid_slots = max_pid_slots
+        self.prev_state_from_field = prev_state_from_field  # force the pre-5.18 path (tests)
+        self._missing: set[int] = set()  # cgroup ids not found at the previous scrape
+
+    def _pid_max(self) -> int:
+        try:
+            return int(Path(self.kernel.sys_root.parent, "proc/sys/kernel/pid_max").read_text())
+        except (OSError, ValueError):
+            return int(Path("/proc/sys/kernel/pid_max").read_text())
+
+    def unsupported(self, strategy: str) -> str | None:
+        if strategy == RAW_TRACEPOINT and self.kernel.btf is None:
+            return f"no kernel BTF at {self.kernel.btf_path} for task_struct offsets"
+        return None
+
+    def render(self, strategy: str | None = None) -> tuple[str, list[str]]:
+        strategy = strategy or self.strategies[0]
+        pid_slots = pid_slots_for(self._pid_max(), self.max_pid_slots)
+        cflags = [f"-DPID_SLOTS={pid_slots}", f"-DMAX_CGROUPS={self.max_cgroups}"]
+        if strategy == RAW_TRACEPOINT:
+            btf = self.kernel.btf
+            if btf is None:
+                raise ValueError("raw_tracepoint needs kernel BTF")
+            cflags += ["-DSTRATEGY_RAW_TP", f"-DTASK_PID_OFF={btf.member('task_struct', 'pid').offset}"]
+            if btf.raw_tracepoint_arg_count("sched_switch") >= 4 and not self.prev_state_from_field:
+                cflags.append("-DPREV_STATE_ARG=3")
+            else:
+                # Before 5.18 sched_switch had no prev_state argument; the field was renamed
+                # state -> __state in 5.14 (and narrowed from long to unsigned int).
+                field = "__state" if btf.has_member("task_struct", "__state") else "state"
+                member = btf.member("task_struct", field)
+                cflags += [f"-DTASK_STATE_OFF={member.offset}", f"-DTASK_STATE_SIZE={member.size}"]
+        elif strategy == TRACEPOINT:
+            cflags += ["-DSTRATEGY_TP", f"-DTASK_REPORT_MASK={TASK_REPORT_MASK:#x}"]
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        return self.source(), cflags
+
+    def _before_load(self, strategy: str) -> None:
+        if strategy == TRACEPOINT:
+            tracefs.acquire()
+
+    def _after_close(self, strategy: str) -> None:
+        if strategy == TRACEPOINT:
+            tracefs.release()
+
+    # --- scrape time ----------------------------------------------------------------------
+    def read_histograms(self) -> dict[int, tuple[list[int], int]]:
+        """cgroup id -> (slot counts summed over CPUs, sum of latencies in ns)."""
+        out: dict[int, tuple[list[int], int]] = {}
+        for key, per_cpu in self.table("runqueue_latency_seconds").items():
+            slots = [0] * NSLOTS
+            total_ns = 0
+            for cpu_value in per_cpu:
+                for i in range(NSLOTS):
+                    slots[i] += cpu_value.slots[i]
+                total_ns += cpu_value.sum_ns
+            out[key.value] = (slots, total_ns)
+        return out
+
+    def read_stats(self) -> dict[str, int]:
+        table = self.table("runqlat_stats")
+        return {reason: sum(table[table.Key(i)]) for i, reason in enumerate(STAT_REASONS)}
+
+    def _forget(self, gone: Iterable[int]) -> None:
+        table = self.table("runqueue_latency_seconds")
+        for cgid in gone:
+            try:
+                del table[table.Key(cgid)]
+            except KeyError:
+                pass
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            if self._bpf is None:
+                return []
+            histograms = self.read_histograms()
+            stats = self.read_stats()
+            label_names = self.labeler.label_names if self.labeler else ("cgroup_id",)
+            merged: dict[tuple[str, ...], tuple[list[int], int]] = {}
+            missing: set[int] = set()
+            for cgid, (slots, total_ns) in histograms.items():
+                labels = self.labeler.labels_for_cgroup_id(cgid) if self.labeler else (str(cgid),)
+                if labels is None:
+                    missing.add(cgid)
+                    continue
+                # Several cgroups can share one label set (host cgroups cut to two levels).
+                acc_slots, acc_ns = merged.get(labels, ([0] * NSLOTS, 0))
+                merged[labels] = ([a + b for a, b in zip(acc_slots, slots)], acc_ns + total_ns)
+            self._forget(missing & self._missing)
+            self._missing = missing
+
+        hist = HistogramMetricFamily(
+            "nodetune_runqueue_latency_seconds",
+            "Time tasks spent runnable on a run queue before running (wakeup, new task or "
+            "preemption to switch-in), per workload.",
+            labels=list(label_names),
+        )
+        for labels, (slots, total_ns) in sorted(merged.items()):
+            hist.add_metric(list(labels), cumulative_buckets(slots), total_ns / 1e9)
+        lost = CounterMetricFamily(
+            "nodetune_probe_events_lost",
+            "Events a probe could not account, by reason (bounded maps full, unknown owner).",
+            labels=["probe", "reason"],
+        )
+        for reason, value in stats.items():
+            lost.add_metric([self.name, reason], value)
+        return [hist, lost]
+

@@ -1,0 +1,71 @@
+"""Make tracepoint formats visible where BCC 0.26 reads them: ``/sys/kernel/debug/tracing``.
+
+BCC hard-codes the debugfs path (src/python/bcc/__init__.py, ``TRACEFS``) for tracepoint formats
+and ids. A fresh machine has neither debugfs nor tracefs mounted; mounting debugfs at
+``/sys/kernel/debug`` makes the kernel automount tracefs at ``tracing/`` beneath it. Only probes
+attached as classic tracepoints need this; raw tracepoints do not.
+
+The mount is done with mount(2) through libc (no subprocess). If this process mounted it, it
+unmounts it on release, so a host is left as it was found; a busy mount is left in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEBUGFS = Path("/sys/kernel/debug")
+EVENTS = DEBUGFS / "tracing" / "events"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_lock = threading.Lock()
+_mounted_by_us = 0  # reference count of users while we own the mount
+
+
+class TracefsUnavailable(Exception):
+    """Tracepoint formats are not readable and could not be made so."""
+
+
+def acquire(debugfs: Path = DEBUGFS) -> None:
+    """Ensure ``<debugfs>/tracing/events`` exists, mounting debugfs if needed and allowed."""
+    global _mounted_by_us
+    with _lock:
+        events = debugfs / "tracing" / "events"
+        if _mounted_by_us:
+            _mounted_by_us += 1
+            return
+        if events.is_dir():
+            return
+        if _libc.mount(b"debugfs", str(debugfs).encode(), b"debugfs", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise TracefsUnavailable(f"{events} absent and mounting debugfs at {debugfs} failed: {os.strerror(err)}")
+        if not events.is_dir():
+            _libc.umount2(str(debugfs).encode(), 0)
+            raise TracefsUnavailable(f"debugfs mounted at {debugfs} but {events} did not appear")
+        log.info("mounted debugfs at %s for tracepoint formats", debugfs)
+        _mounted_by_us = 1
+
+
+def release(debugfs: Path = DEBUGFS) -> None:
+    """Drop one use; the last user unmounts what ``acquire`` mounted (tracefs first)."""
+    global _mounted_by_us
+    with _lock:
+        if _mounted_by_us == 0:
+            return
+        _mounted_by_us -= 1
+        if _mounted_by_us:
+            return
+        for target in (debugfs / "tracing", debugfs):
+            if _libc.umount2(str(target).encode(), 0) != 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point
+                    log.warning("leaving %s mounted: %s", target, os.strerror(err))
+                    return
+        log.info("unmounted debugfs from %s", debugfs)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs what nodetune needs on a Debian/Ubuntu host, only what is missing; re-running is fast
+# and changes nothing. Usage: scripts/bootstrap.sh run|test|bench   (as root)
+#   run:   python3-bpfcc, python3-venv, kernel headers if the host has none, the venv + package
+#   test:  run + promtool (Debian `prometheus`) + test extras
+#   bench: run + bpfcc-tools (runqlat-bpfcc) + linux-perf (perf bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-run}
+VENV=${VENV:-.venv}
+
+pkgs=(python3-bpfcc python3-venv)
+case "$what" in
+  run) ;;
+  test) pkgs+=(prometheus) ;;
+  bench) pkgs+=(bpfcc-tools linux-perf) ;;
+  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
+esac
+
+have_headers() {
+  local r; r=$(uname -r)
+  [ -d "/lib/modules/$r/build" ] || [ -f /sys/kernel/kheaders.tar.xz ] && return 0
+  compgen -G "/usr/src/linux-headers-*" >/dev/null
+}
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ! have_headers; then
+  missing+=(HEADERS)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "bootstrap: need root to install: ${missing[*]}" >&2; exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  final=()
+  for p in "${missing[@]}"; do
+    if [ "$p" = HEADERS ]; then
+      # Headers for the running kernel if the distribution has them, else its cloud/generic set:
+      # a mismatched set is enough for our probes (tracepoint fields + BTF offsets only).
+      arch=$(dpkg --print-architecture)
+      for cand in "linux-headers-$(uname -r)" "linux-headers-cloud-$arch" "linux-headers-$arch" linux-headers-generic; do
+        if apt-cache show "$cand" >/dev/null 2>&1; then final+=("$cand"); break; fi
+      done
+    else
+      final+=("$p")
+    fi
+  done
+  # --no-install-recommends keeps the image small; policy-rc.d (if present) stops daemons starting.
+  apt-get install -y -q --no-install-recommends "${final[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # Debian's interpreter, so that Debian's bcc module is importable from the venv.
+  /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+extras=""
+[ "$what" = test ] && extras="[test]"
+stamp="$VENV/.installed-$what-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extras"
+  touch "$stamp"
+fi
+"$VENV/bin/python" -c 'import bcc' 2>/dev/null || { echo "bootstrap: bcc not importable from $VENV" >&2; exit 1; }

@@ -26,7 +26,9 @@ def _common(p: argparse.ArgumentParser, log_level: str = "info") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nodetune", description="Kubernetes node agent: latency signals per workload.")
+    parser = argparse.ArgumentParser(
+        prog="nodetune", description="Kubernetes node agent: latency signals per workload."
+    )
     parser.add_argument("--version", action="version", version=f"nodetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -90,21 +90,23 @@ class Exporter:
         )
         families: dict[str, Metric] = {}
 
-        def add(family: Metric) -> None:
-            existing = families.get(family.name)
-            if existing is None:
-                families[family.name] = family
-            elif existing.type == family.type:
-                existing.samples.extend(family.samples)
-            else:
-                raise TypeError(f"metric {family.name} exported as {existing.type} and {family.type}")
+        def add(collected: list[Metric]) -> None:
+            """Merge a unit's families into the scrape: all of them, or none if one conflicts."""
+            for family in collected:
+                existing = families.get(family.name)
+                if existing is not None and existing.type != family.type:
+                    raise TypeError(f"metric {family.name} exported as {existing.type} and {family.type}")
+            for family in collected:
+                existing = families.get(family.name)
+                if existing is None:
+                    families[family.name] = family
+                else:
+                    existing.samples.extend(family.samples)
 
         for name, unit in units:
             start = time.perf_counter()
             try:
-                collected = list(unit.collect())
-                for family in collected:
-                    add(family)
+                add(list(unit.collect()))
                 ok, error = True, None
             except Exception as e:  # a unit's bug or a kernel error: report, keep serving
                 ok, error = False, f"{type(e).__name__}: {e}"
@@ -112,8 +114,7 @@ class Exporter:
             success.add_metric([name], 1.0 if ok else 0.0)
             duration.add_metric([name], time.perf_counter() - start)
         if self._static is not None:
-            for family in self._static():
-                add(family)
+            add(list(self._static()))
         return [*families.values(), success, duration]
 
     def render(self) -> bytes:
@@ -124,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: MetricsServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("http %s %s", self.address_string(), format % args)
 
     def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:

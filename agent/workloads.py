@@ -36,8 +36,9 @@ WORKLOAD_LABELS = ("namespace", "pod", "container", "cgroup")
 HOST_CGROUP_DEPTH = 2
 
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"  # static pods: md5
-_POD_SEGMENT = re.compile(rf"^(?:kubepods-(?:(besteffort|burstable)-)?)?pod({_UID})(?:\.slice)?$")
-_QOS_SEGMENT = re.compile(r"^(?:kubepods-)?(besteffort|burstable)(?:\.slice)?$")
+# systemd slices repeat their parents' names: [kubelet-]kubepods-burstable-pod<uid>.slice
+_POD_SEGMENT = re.compile(rf"^(?:[a-z-]*kubepods-(?:(besteffort|burstable)-)?)?pod({_UID})(?:\.slice)?$")
+_QOS_SEGMENT = re.compile(r"^(?:[a-z-]*kubepods-)?(besteffort|burstable)(?:\.slice)?$")
 _CONTAINER_SEGMENT = re.compile(r"^(?:(cri-containerd|crio|docker|cri-o)-)?([0-9a-f]{64})(?:\.scope)?$")
 _CONMON_SEGMENT = re.compile(r"^crio-conmon-([0-9a-f]{64})\.scope$")
 _RUNTIMES = {"cri-containerd": "containerd", "crio": "cri-o", "cri-o": "cri-o", "docker": "docker"}

@@ -136,7 +136,7 @@ class Probe(abc.ABC):
                 try:
                     text, cflags = self.render(strategy)
                     self._before_load(strategy)
-                    self._bpf = BPF(text=text, cflags=cflags)
+                    self._bpf = BPF(text=text.encode(), cflags=cflags)
                     self._after_load(strategy)
                     self.attach = strategy
                     log.info("probe %s attached via %s", self.name, strategy)
@@ -150,19 +150,19 @@ class Probe(abc.ABC):
         tried = "; ".join(f"{s}: {r}" for s, r in self.skipped.items()) or "no strategy selected"
         raise ProbeUnavailable(tried)
 
-    def _before_load(self, strategy: str) -> None:
+    def _before_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: prepare the host for ``strategy`` (e.g. make tracefs visible)."""
 
-    def _after_load(self, strategy: str) -> None:
+    def _after_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: work needed once the program is attached (e.g. sizing tables)."""
 
-    def _after_close(self, strategy: str) -> None:
+    def _after_close(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: undo ``_before_load``."""
 
     def table(self, name: str) -> Any:
         if self._bpf is None:
             raise RuntimeError(f"probe {self.name} is not loaded")
-        return self._bpf[name]
+        return self._bpf[name.encode()]
 
     @abc.abstractmethod
     def collect(self) -> Iterable[Metric]:

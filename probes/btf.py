@@ -110,7 +110,7 @@ class BTF:
 
     def _size_of(self, type_id: int) -> int:
         for _ in range(32):  # modifier chains are short; bound the walk anyway
-            _, kind, vlen, _, size_or_type = self._record(type_id)
+            _, kind, _, _, size_or_type = self._record(type_id)
             if kind in _MODIFIERS:
                 type_id = size_or_type
                 continue
@@ -124,7 +124,7 @@ class BTF:
 
     def _members(self, type_id: int, base_bits: int = 0):
         """Yield (name, bit_offset, member_type_id), flattening anonymous struct/union members."""
-        _, kind, vlen, kind_flag, _ = self._record(type_id)
+        _, _, vlen, kind_flag, _ = self._record(type_id)
         pos = self._pos[type_id] + 12
         for i in range(vlen):
             name_off, mtype, offset = struct.unpack_from("<III", self._data, pos + 12 * i)

@@ -121,7 +121,14 @@ def _extract_kheaders(archive: Path, dest: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
         with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:  # Python < 3.11.4 (Debian bookworm's 3.11.2): refuse what the data filter would
+                members = tar.getmembers()
+                for m in members:
+                    if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+                        raise HeadersNotFound(f"{archive}: unsafe member {m.name!r}")
+                tar.extractall(tmp, members=members)
         os.rename(tmp, dest)
     except FileExistsError:
         shutil.rmtree(tmp, ignore_errors=True)

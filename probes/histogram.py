@@ -20,7 +20,7 @@ def cumulative_buckets(slots: Sequence[int]) -> list[tuple[str, int]]:
         raise ValueError(f"expected {NSLOTS} slots, got {len(slots)}")
     out: list[tuple[str, int]] = []
     total = 0
-    for bound, count in zip(BUCKET_BOUNDS, slots):
+    for bound, count in zip(BUCKET_BOUNDS, slots[:-1], strict=True):
         total += count
         out.append((repr(bound), total))
     out.append(("+Inf", total + slots[-1]))

@@ -11,6 +11,7 @@ exist are deleted at scrape time once two scrapes in a row could not find them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -128,10 +129,8 @@ class RunqlatProbe(Probe):
     def _forget(self, gone: Iterable[int]) -> None:
         table = self.table("runqueue_latency_seconds")
         for cgid in gone:
-            try:
+            with contextlib.suppress(KeyError):  # already gone
                 del table[table.Key(cgid)]
-            except KeyError:
-                pass
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
@@ -149,7 +148,7 @@ class RunqlatProbe(Probe):
                     continue
                 # Several cgroups can share one label set (host cgroups cut to two levels).
                 acc_slots, acc_ns = merged.get(labels, ([0] * NSLOTS, 0))
-                merged[labels] = ([a + b for a, b in zip(acc_slots, slots)], acc_ns + total_ns)
+                merged[labels] = ([a + b for a, b in zip(acc_slots, slots, strict=True)], acc_ns + total_ns)
             self._forget(missing & self._missing)
             self._missing = missing
 
@@ -169,4 +168,3 @@ class RunqlatProbe(Probe):
         for reason, value in stats.items():
             lost.add_metric([self.name, reason], value)
         return [hist, lost]
-

@@ -1,0 +1,151 @@
+"""``nodetune run`` as a real process on the real kernel: per-workload histograms, health, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from probes.base import KernelFacts, Probe
+from tests.conftest import BUSY, SLEEPER, free_port, http_get, parse_metrics, run_delay_ns
+
+HIST = "nodetune_runqueue_latency_seconds"
+
+
+def series(metrics: dict, cgroup: str) -> dict[str, float]:
+    """{le: cumulative count, "sum": s, "count": n} of one workload's histogram."""
+    out: dict[str, float] = {}
+    for s in metrics[HIST]:
+        if s.labels.get("cgroup") != cgroup:
+            continue
+        if s.name.endswith("_bucket"):
+            out[s.labels["le"]] = s.value
+        else:
+            out[s.name.rsplit("_", 1)[1]] = s.value
+    return out
+
+
+def p99(after: dict[str, float], before: dict[str, float]) -> float:
+    """Upper bound of the bucket holding the 99th percentile of the interval (histogram_quantile's bracket)."""
+    bounds = sorted((float(le), after[le] - before.get(le, 0.0)) for le in after if le not in ("sum", "count"))
+    total = bounds[-1][1]
+    assert total > 0
+    for bound, cumulative in bounds:
+        if cumulative >= 0.99 * total:
+            return bound
+    return float("inf")
+
+
+@pytest.mark.bpf
+def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, make_cgroup) -> None:
+    busy, idle = make_cgroup("busy"), make_cgroup("idle")
+    agent = agent_process()
+    cpus = sorted(os.sched_getaffinity(0))
+    for _ in range(len(cpus) + 2):  # more runnable busy tasks than CPUs, all on one CPU
+        busy.spawn(BUSY, cpu=cpus[0])
+    idle.spawn(SLEEPER, cpu=cpus[-1])
+    time.sleep(1)
+
+    before = agent.metrics()
+    delay_before = run_delay_ns(busy.pids())
+    time.sleep(4)
+    after = agent.metrics()
+    delay_after = run_delay_ns(busy.pids())
+
+    b0, b1 = series(before, busy.rel), series(after, busy.rel)
+    i0, i1 = series(before, idle.rel), series(after, idle.rel)
+    assert b1 and i1, "both test cgroups export a series with cgroup=<path>"
+    busy_p99, idle_p99 = p99(b1, b0), p99(i1, i0)
+    print(f"busy p99 <= {busy_p99:g}s, idle p99 <= {idle_p99:g}s")
+    assert busy_p99 >= 1e-3, f"busy p99 {busy_p99}"
+    assert busy_p99 >= 8 * idle_p99, f"busy p99 {busy_p99} vs idle p99 {idle_p99}"
+
+    probe_s = b1["sum"] - b0["sum"]
+    kernel_s = (delay_after - delay_before) / 1e9
+    assert abs(probe_s - kernel_s) <= 0.10 * kernel_s, f"histogram sum {probe_s}s vs schedstat {kernel_s}s"
+
+    # Workload labels of the contract, names empty until the pod watch knows them.
+    labels = next(s.labels for s in after[HIST] if s.labels.get("cgroup") == busy.rel)
+    assert {k: v for k, v in labels.items() if k != "le"} == {
+        "namespace": "",
+        "pod": "",
+        "container": "",
+        "cgroup": busy.rel,
+    }
+    assert [s.value for s in after["nodetune_probe_up"] if s.labels["probe"] == "runqlat"] == [1.0]
+    assert [s.labels["attach"] for s in after["nodetune_probe_info"]] == ["raw_tracepoint"]
+    assert [s.value for s in after["nodetune_scrape_collector_success"]] == [1.0]
+
+
+@pytest.mark.bpf
+def test_scrape_passes_promtool_lint(agent_process, make_cgroup) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is installed by make test"
+    cg = make_cgroup("lint")
+    agent = agent_process()
+    cg.spawn(SLEEPER)
+    time.sleep(0.5)
+    text = agent.metrics_text()
+    assert HIST + "_bucket" in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.bpf
+def test_health_endpoints_and_sigterm_exit_cleanly(agent_process) -> None:
+    agent = agent_process()
+    assert http_get(agent.url + "/healthz")[0] == 200
+    assert http_get(agent.url + "/readyz")[0] == 200
+    assert http_get(agent.url + "/nope")[0] == 404
+    prog_links = [p for p in Path(f"/proc/{agent.proc.pid}/fd").iterdir() if "bpf-prog" in os.readlink(p)]
+    assert len(prog_links) == 3
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=15) == 0
+
+
+class BrokenProbe(Probe):
+    """Attaches to a raw tracepoint that does not exist: the kernel refuses it for real."""
+
+    name = "broken"
+    strategies = ("raw_tracepoint",)
+
+    def render(self, strategy: str | None = None) -> tuple[str, list[str]]:
+        return "RAW_TRACEPOINT_PROBE(nodetune_no_such_tracepoint) { return 0; }", []
+
+    def collect(self):
+        return []
+
+
+class RaisingCollector:
+    def collect(self):
+        raise OSError("cpu.stat vanished")
+
+
+@pytest.mark.bpf
+def test_probe_that_fails_to_load_leaves_the_agent_serving(tmp_path: Path) -> None:
+    config = AgentConfig(listen_host="127.0.0.1", listen_port=free_port(), cache_dir=Path("/var/cache/nodetune"))
+    agent = Agent(config, extra_probes=[BrokenProbe(KernelFacts(cache_dir=config.cache_dir))])
+    agent.exporter.register("raising", RaisingCollector())
+    try:
+        agent.start_server()
+        assert http_get(f"http://127.0.0.1:{config.listen_port}/readyz")[0] == 503  # not attempted yet
+        agent.load_probes()
+        status, body = http_get(f"http://127.0.0.1:{config.listen_port}/metrics")
+        assert http_get(f"http://127.0.0.1:{config.listen_port}/readyz")[0] == 200
+    finally:
+        agent.close()
+    assert status == 200
+    m = parse_metrics(body)
+    up = {s.labels["probe"]: s.value for s in m["nodetune_probe_up"]}
+    assert up == {"runqlat": 1.0, "broken": 0.0}
+    assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
+    success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
+    assert success == {"runqlat": 1.0, "raising": 0.0}
+    assert HIST in m

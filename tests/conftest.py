@@ -1,0 +1,208 @@
+"""Shared fixtures: real cgroups and processes made (and removed) by the tests, a running agent.
+
+BPF tests are marked ``bpf``. They skip when not root or BCC is missing, except under
+``NODETUNE_REQUIRE_BPF=1`` (CI), where such a skip is turned into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.paths import HostPaths
+
+REQUIRE_BPF = os.environ.get("NODETUNE_REQUIRE_BPF") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bpf_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        return f"BCC not importable: {e}"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _bpf_gate(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("bpf") or request.node.get_closest_marker("root"):
+        reason = bpf_unavailable_reason() if request.node.get_closest_marker("bpf") else None
+        if reason is None and os.geteuid() != 0:
+            reason = "needs root"
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_BPF and report.skipped and item.get_closest_marker("bpf"):
+        report.outcome = "failed"
+        report.longrepr = f"BPF test skipped under NODETUNE_REQUIRE_BPF=1: {report.longrepr}"
+
+
+# --- cgroups and processes ----------------------------------------------------------------------
+class TestCgroup:
+    """A cgroup v2 directory made for one test; processes spawned into it are ended by pid."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.path = root / name
+        self.path.mkdir()
+        self.rel = "/" + name
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def id(self) -> int:
+        return os.stat(self.path).st_ino
+
+    def spawn(self, argv: list[str], cpu: int | None = None) -> subprocess.Popen[bytes]:
+        procs_file = str(self.path / "cgroup.procs")
+
+        def enter() -> None:  # runs in the child between fork and exec
+            with open(procs_file, "w") as f:
+                f.write(str(os.getpid()))
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        proc = subprocess.Popen(argv, preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        self.procs.clear()
+
+    def remove(self) -> None:
+        self.stop()
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)  # exiting tasks leave the cgroup asynchronously
+        self.path.rmdir()
+
+
+@pytest.fixture
+def cgroup_v2_root() -> Path:
+    root = HostPaths().cgroup_v2()
+    if root is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    return root
+
+
+@pytest.fixture
+def make_cgroup(cgroup_v2_root: Path) -> Iterator[callable]:
+    made: list[TestCgroup] = []
+
+    def make(label: str) -> TestCgroup:
+        cg = TestCgroup(cgroup_v2_root, f"nodetune-test-{label}-{uuid.uuid4().hex[:8]}")
+        made.append(cg)
+        return cg
+
+    yield make
+    for cg in made:
+        cg.remove()
+
+
+BUSY = ["/bin/sh", "-c", "while :; do :; done"]
+SLEEPER = [sys.executable, "-c", "import time\nwhile True: time.sleep(0.004)"]
+
+
+def run_delay_ns(pids: list[int]) -> int:
+    """Sum of /proc/<pid>/schedstat run_delay (2nd field, ns): the kernel's own run-queue wait."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[1])
+    return total
+
+
+# --- a running agent ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def parse_metrics(text: str) -> dict[str, list]:
+    """family name -> samples (prometheus_client parser)."""
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+class AgentProcess:
+    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+        self.proc = proc
+        self.url = url
+
+    def metrics_text(self) -> str:
+        status, body = http_get(self.url + "/metrics")
+        assert status == 200, body
+        return body
+
+    def metrics(self) -> dict[str, list]:
+        return parse_metrics(self.metrics_text())
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[callable]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> AgentProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{port}", *args]
+        with open(tmp_path / "agent.log", "w") as log_file:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, cwd=REPO, stderr=log_file, text=True)
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+            try:
+                if http_get(url + "/readyz", timeout=1)[0] == 200:
+                    return AgentProcess(proc, url)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("agent not ready in 30 s: " + (tmp_path / "agent.log").read_text())
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

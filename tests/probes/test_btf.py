@@ -1,0 +1,112 @@
+"""BTF reader: a hand-built blob (exact layout known) and the running kernel's vmlinux."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from probes.btf import BTF, BTFError, Member
+
+
+class BlobBuilder:
+    """Writes BTF type records by the rules of Documentation/bpf/btf.rst."""
+
+    def __init__(self) -> None:
+        self.strings = b"\0"
+        self.types = b""
+        self.next_id = 1
+
+    def s(self, name: str) -> int:
+        if not name:
+            return 0
+        off = len(self.strings)
+        self.strings += name.encode() + b"\0"
+        return off
+
+    def add(self, name: str, kind: int, vlen: int, size_or_type: int, extra: bytes = b"", kind_flag: int = 0) -> int:
+        info = (kind_flag << 31) | (kind << 24) | vlen
+        self.types += struct.pack("<III", self.s(name), info, size_or_type) + extra
+        self.next_id += 1
+        return self.next_id - 1
+
+    def int_(self, name: str, size: int) -> int:
+        return self.add(name, 1, 0, size, struct.pack("<I", size * 8))
+
+    def struct_(
+        self, name: str, size: int, members: list[tuple[str, int, int]], kind: int = 4, bitfields: bool = False
+    ) -> int:
+        extra = b"".join(struct.pack("<III", self.s(n), t, off) for n, t, off in members)
+        return self.add(name, kind, len(members), size, extra, kind_flag=int(bitfields))
+
+    def blob(self) -> bytes:
+        hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types), len(self.types), len(self.strings))
+        return hdr + self.types + self.strings
+
+
+def sample_blob() -> bytes:
+    b = BlobBuilder()
+    u32 = b.int_("unsigned int", 4)
+    u64 = b.int_("long unsigned int", 8)
+    arr = b.add("", 3, 0, 0, struct.pack("<III", u32, u32, 4))  # unsigned int[4]
+    b.add("task_struct", 7, 0, 0)  # a forward declaration first: must be skipped
+    inner = b.struct_("", 8, [("pid", u32, 0), ("tgid", u32, 32)])
+    union = b.struct_("", 8, [("state", u64, 0)], kind=5)
+    b.struct_(
+        "task_struct",
+        64,
+        [("flags", u32, 0), ("", inner, 64), ("", union, 128), ("words", arr, 192), ("bits", u32, (3 << 24) | 320)],
+        bitfields=True,
+    )
+    proto = b.add("", 13, 3, 0, struct.pack("<IIII", 0, 0, 0, u32) + struct.pack("<II", 0, u32))
+    ptr = b.add("", 2, 0, proto)
+    b.add("btf_trace_sched_wakeup", 8, 0, ptr)
+    return b.blob()
+
+
+def test_members_through_anonymous_struct_and_union() -> None:
+    btf = BTF(sample_blob())
+    assert btf.member("task_struct", "flags") == Member(0, 4)
+    assert btf.member("task_struct", "pid") == Member(8, 4)
+    assert btf.member("task_struct", "tgid") == Member(12, 4)
+    assert btf.member("task_struct", "state") == Member(16, 8)
+    assert btf.member("task_struct", "words") == Member(24, 16)
+    assert btf.has_member("task_struct", "pid") and not btf.has_member("task_struct", "__state")
+
+
+def test_bitfield_offsets_are_refused() -> None:
+    btf = BTF(sample_blob())
+    assert btf.member("task_struct", "words").offset == 24  # kind_flag: low 24 bits are the bit offset
+    with pytest.raises(BTFError, match="bitfield"):
+        BTF(sample_blob().replace(struct.pack("<I", (3 << 24) | 320), struct.pack("<I", (3 << 24) | 321))).member(
+            "task_struct", "bits"
+        )
+
+
+def test_raw_tracepoint_arg_count_excludes_hidden_data_pointer() -> None:
+    assert BTF(sample_blob()).raw_tracepoint_arg_count("sched_wakeup") == 2
+
+
+def test_errors() -> None:
+    with pytest.raises(BTFError, match="magic"):
+        BTF(b"\0" * 32)
+    with pytest.raises(BTFError, match="not found"):
+        BTF(sample_blob()).member("mm_struct", "pgd")
+    with pytest.raises(BTFError, match="no member"):
+        BTF(sample_blob()).member("task_struct", "comm")
+    with pytest.raises(BTFError, match="cannot read"):
+        BTF.from_file("/nonexistent/vmlinux")
+
+
+VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
+
+@pytest.mark.skipif(not VMLINUX.exists(), reason="kernel without CONFIG_DEBUG_INFO_BTF")
+def test_running_kernel() -> None:
+    btf = BTF.from_file(VMLINUX)
+    pid = btf.member("task_struct", "pid")
+    assert pid.size == 4 and 0 < pid.offset < 16384
+    assert btf.member("task_struct", "tgid").offset == pid.offset + 4  # declared right after pid
+    assert btf.raw_tracepoint_arg_count("sched_wakeup") == 1
+    assert btf.raw_tracepoint_arg_count("sched_switch") in (3, 4)

@@ -20,7 +20,7 @@ BTF_MAGIC = 0xEB9F
 # BTF kinds (include/uapi/linux/btf.h) and the size of the data that follows each record.
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION = 1, 2, 3, 4, 5
 KIND_ENUM, KIND_FWD, KIND_TYPEDEF = 6, 7, 8
-KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 13, 14, 15, 17, 19
+KIND_FUNC, KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_DECL_TAG, KIND_ENUM64 = 12, 13, 14, 15, 17, 19
 _FIXED_EXTRA = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
 _PER_MEMBER_EXTRA = {
     KIND_STRUCT: 12,
@@ -157,6 +157,14 @@ class BTF:
     def has_member(self, struct_name: str, member: str) -> bool:
         try:
             self.member(struct_name, member)
+        except BTFError:
+            return False
+        return True
+
+    def has_function(self, name: str) -> bool:
+        """Whether the kernel has a function of this name (BTF FUNC record)."""
+        try:
+            self._find(name, {KIND_FUNC})
         except BTFError:
             return False
         return True

@@ -1,32 +1,32 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
  * Run-queue latency per cgroup: time from a task becoming runnable (wakeup, new task, or being
- * switched out while still runnable, i.e. preempted) to it running again, aggregated in the kernel
- * into log2 histograms keyed by cgroup v2 id. Exported as nodetune_runqueue_latency_seconds.
+ * preempted) to it running, aggregated in the kernel into log2 histograms keyed by cgroup v2 id.
+ * Exported as nodetune_runqueue_latency_seconds.
  *
- * Strategy macros (set by runqlat.py):
- *   STRATEGY_RAW_TP  raw tracepoints; task fields at offsets read from BTF at load time
- *     TASK_PID_OFF       offsetof(struct task_struct, pid)
- *     PREV_STATE_ARG     sched_switch passes prev_state as args[3] (kernel >= 5.18) ...
- *     TASK_STATE_OFF/TASK_STATE_SIZE  ... else read prev->__state / prev->state
- *   STRATEGY_TP      classic tracepoints; fields from the tracepoint format only
+ * STRATEGY_SCHEDINFO (raw tracepoint sched_switch only): the kernel itself accounts every wait in
+ * task->sched_info (CONFIG_SCHED_INFO; kernel/sched/stats.h sched_info_arrive(): run_delay += the
+ * wait, pcount++ at each switch-in). When a task is switched out, the wait that preceded the run
+ * now ending is run_delay minus what we saw at its previous switch-out. No clock read, no wakeup
+ * hook, and the sum equals /proc/<pid>/schedstat's run_delay by construction. Offsets come from
+ * BTF at load time:
+ *   SCHED_INFO_OFF   offsetof(struct task_struct, sched_info) + offsetof(struct sched_info, pcount)
+ *   RUN_DELAY_GAP    offsetof(sched_info, run_delay) - offsetof(sched_info, pcount)
+ *   TASK_BTF         read them with plain loads through bpf_get_current_task_btf() (>= 5.11),
+ *                    else with bpf_probe_read_kernel() (~9 ns more per event here)
+ *
+ * STRATEGY_TP (classic tracepoints, no BTF needed): timestamps at sched_wakeup, sched_wakeup_new
+ * and preempting sched_switch; the delta at switch-in. Fields from the tracefs format only.
+ *
  * Sizes:
- *   PID_SLOTS    power of two; pid-indexed slots, direct-mapped (pid & (PID_SLOTS-1))
- *   MAX_CGROUPS  histograms kept (one per cgroup with tasks that waited)
+ *   PID_SLOTS    power of two; pid-indexed slots, direct-mapped (pid & (PID_SLOTS-1)) with a tag
+ *   MAX_CGROUPS  histograms kept (one per cgroup whose tasks waited)
  *
- * Per-event path: no hash insert or delete (except the first event of a new cgroup), no
- * per-event output to user space. Mismatched kernel headers are harmless: no struct layout from
- * headers is used.
+ * Per-event path: array lookups and one per-CPU hash lookup; a hash insert only for the first
+ * event of a new cgroup; nothing sent to user space.
  */
 
 #define NSLOTS 24 /* slot 0: < 1 us; slot s: [2^(s-1), 2^s) us; slot 23: >= 2^22 us (4.19 s) */
-
-struct pid_slot {
-    u64 ts;   /* ns when the task became runnable; 0 = not waiting */
-    u64 cgid; /* cgroup v2 id the task had when it last ran; 0 = not known yet */
-    u32 pid;  /* owner tag: pids p and p + PID_SLOTS share a slot */
-    u32 pad;
-};
 
 struct runq_hist {
     u64 slots[NSLOTS];
@@ -34,13 +34,12 @@ struct runq_hist {
 };
 
 enum runqlat_stat {
-    STAT_UNATTRIBUTED = 0, /* task ran before we ever saw it run: cgroup unknown */
+    STAT_UNATTRIBUTED = 0, /* STRATEGY_TP: task ran before we saw it run, cgroup unknown */
     STAT_CGROUP_MAP_FULL,  /* MAX_CGROUPS reached: event dropped */
-    STAT_SLOT_EVICTED,     /* a waiting task's slot was taken by a colliding pid */
+    STAT_SLOT_EVICTED,     /* a tracked task's slot was taken by a colliding pid */
     NSTATS,
 };
 
-BPF_ARRAY(runqlat_pid_slots, struct pid_slot, PID_SLOTS);
 BPF_PERCPU_HASH(runqueue_latency_seconds, u64, struct runq_hist, MAX_CGROUPS);
 BPF_PERCPU_ARRAY(runqlat_stats, u64, NSTATS);
 
@@ -50,6 +49,90 @@ static __always_inline void count_stat(int stat)
     if (v)
         (*v)++;
 }
+
+static __always_inline void record(u64 cgid, u64 delta_ns)
+{
+    struct runq_hist *h = runqueue_latency_seconds.lookup(&cgid);
+    if (!h) {
+        struct runq_hist zero = {};
+        runqueue_latency_seconds.insert(&cgid, &zero);
+        h = runqueue_latency_seconds.lookup(&cgid);
+        if (!h) {
+            count_stat(STAT_CGROUP_MAP_FULL);
+            return;
+        }
+    }
+    u32 slot = bpf_log2l(delta_ns / 1000);
+    if (slot >= NSLOTS)
+        slot = NSLOTS - 1;
+    h->slots[slot]++; /* per-CPU value: no atomics needed */
+    h->sum_ns += delta_ns;
+}
+
+#ifdef STRATEGY_SCHEDINFO
+
+struct delay_slot {
+    u64 task;      /* owner tag: task_struct address (pids p and p + PID_SLOTS share a slot) */
+    u64 pcount;    /* sched_info.pcount at the owner's last switch-out */
+    u64 run_delay; /* sched_info.run_delay (ns) at the owner's last switch-out */
+};
+
+BPF_ARRAY(runqlat_pid_slots, struct delay_slot, PID_SLOTS);
+
+RAW_TRACEPOINT_PROBE(sched_switch)
+{
+    /* prev is current: the tracepoint fires in __schedule() before context_switch(). */
+    u32 pid = (u32)bpf_get_current_pid_tgid();
+    if (!pid) /* the idle task of each CPU */
+        return 0;
+#ifdef TASK_BTF
+    /* BTF-typed pointer (>= 5.11): the verifier turns these into plain loads with fault fixup. */
+    void *t = (void *)bpf_get_current_task_btf();
+    u64 task = (u64)t;
+    u64 pcount = *(u64 *)(t + SCHED_INFO_OFF);
+    u64 run_delay = *(u64 *)(t + SCHED_INFO_OFF + RUN_DELAY_GAP);
+#else
+    u64 task = bpf_get_current_task();
+    u64 si[1 + RUN_DELAY_GAP / 8] = {};
+    bpf_probe_read_kernel(si, sizeof(si), (void *)task + SCHED_INFO_OFF);
+    u64 pcount = si[0], run_delay = si[RUN_DELAY_GAP / 8];
+#endif
+
+    u32 idx = pid & (PID_SLOTS - 1);
+    struct delay_slot *s = runqlat_pid_slots.lookup(&idx);
+    if (!s)
+        return 0;
+    u64 delta = 0;
+    int have = 0;
+    if (s->task == task && pcount > s->pcount && run_delay >= s->run_delay) {
+        delta = run_delay - s->run_delay; /* the wait(s) before the run now ending */
+        have = 1;
+    } else if (s->task != task && pcount == 1) {
+        delta = run_delay; /* a new task's first run: all its run_delay is that first wait */
+        have = 1;
+    } else if (s->task != task && s->task && pcount > 1) {
+        count_stat(STAT_SLOT_EVICTED); /* or first sight of an older task: baseline only */
+    }
+    s->task = task;
+    s->pcount = pcount;
+    s->run_delay = run_delay;
+    if (have)
+        record(bpf_get_current_cgroup_id(), delta);
+    return 0;
+}
+
+#endif /* STRATEGY_SCHEDINFO */
+
+#ifdef STRATEGY_TP
+
+struct pid_slot {
+    u64 ts;   /* ns when the task became runnable; 0 = not waiting */
+    u64 cgid; /* cgroup v2 id the task had when it last ran; 0 = not known yet */
+    u32 pid;  /* owner tag: pids p and p + PID_SLOTS share a slot */
+    u32 pad;
+};
+
+BPF_ARRAY(runqlat_pid_slots, struct pid_slot, PID_SLOTS);
 
 /* The task `pid` was put on a run queue. cgid: its cgroup when known at this point, else 0. */
 static __always_inline void mark_runnable(u32 pid, u64 cgid)
@@ -69,10 +152,23 @@ static __always_inline void mark_runnable(u32 pid, u64 cgid)
     s->ts = bpf_ktime_get_ns();
 }
 
-static __always_inline void on_switch(u32 prev_pid, int prev_runnable, u32 next_pid)
+TRACEPOINT_PROBE(sched, sched_wakeup)
+{
+    mark_runnable(args->pid, 0);
+    return 0;
+}
+
+/* The parent is current and the child starts in its cgroup (unless CLONE_INTO_CGROUP). */
+TRACEPOINT_PROBE(sched, sched_wakeup_new)
+{
+    mark_runnable(args->pid, bpf_get_current_cgroup_id());
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
-    u32 idx;
+    u32 prev_pid = args->prev_pid, next_pid = args->next_pid, idx;
     struct pid_slot *s;
 
     if (prev_pid) { /* pid 0: the idle task of each CPU, never measured */
@@ -82,103 +178,29 @@ static __always_inline void on_switch(u32 prev_pid, int prev_runnable, u32 next_
             if (s->pid != prev_pid && s->ts)
                 count_stat(STAT_SLOT_EVICTED);
             s->pid = prev_pid;
-            /* prev is current here: the tracepoint fires before context_switch(). */
+            /* prev is current: its cgroup now is the one to charge its next wait to. */
             s->cgid = bpf_get_current_cgroup_id();
-            s->ts = prev_runnable ? now : 0;
+            /*
+             * prev_state is __trace_sched_switch_state(): TASK_REPORT_MAX (0x100 since 4.14) when
+             * preempted, 0 when runnable, a sleep state bit below 0x100 otherwise; runnable = no
+             * bit of the report mask set (include/trace/events/sched.h).
+             */
+            s->ts = (args->prev_state & TASK_REPORT_MASK) == 0 ? now : 0;
         }
     }
     if (!next_pid)
-        return;
+        return 0;
     idx = next_pid & (PID_SLOTS - 1);
     s = runqlat_pid_slots.lookup(&idx);
     if (!s || s->pid != next_pid || !s->ts)
-        return;
+        return 0;
     u64 delta = now - s->ts;
-    u64 cgid = s->cgid;
     s->ts = 0;
-    if (!cgid) {
+    if (!s->cgid) {
         count_stat(STAT_UNATTRIBUTED);
-        return;
+        return 0;
     }
-    struct runq_hist *h = runqueue_latency_seconds.lookup(&cgid);
-    if (!h) {
-        struct runq_hist zero = {};
-        runqueue_latency_seconds.insert(&cgid, &zero);
-        h = runqueue_latency_seconds.lookup(&cgid);
-        if (!h) {
-            count_stat(STAT_CGROUP_MAP_FULL);
-            return;
-        }
-    }
-    u32 slot = bpf_log2l(delta / 1000);
-    if (slot >= NSLOTS)
-        slot = NSLOTS - 1;
-    h->slots[slot]++; /* per-CPU value: no atomics needed */
-    h->sum_ns += delta;
-}
-
-#ifdef STRATEGY_RAW_TP
-
-static __always_inline u32 task_pid(void *task)
-{
-    u32 pid = 0;
-    bpf_probe_read_kernel(&pid, sizeof(pid), task + TASK_PID_OFF);
-    return pid;
-}
-
-/* TP_PROTO(struct task_struct *p) */
-RAW_TRACEPOINT_PROBE(sched_wakeup)
-{
-    mark_runnable(task_pid((void *)ctx->args[0]), 0);
-    return 0;
-}
-
-/* The parent is current and the child starts in its cgroup (unless CLONE_INTO_CGROUP). */
-RAW_TRACEPOINT_PROBE(sched_wakeup_new)
-{
-    mark_runnable(task_pid((void *)ctx->args[0]), bpf_get_current_cgroup_id());
-    return 0;
-}
-
-/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next[, unsigned int prev_state]) */
-RAW_TRACEPOINT_PROBE(sched_switch)
-{
-    int preempt = (int)ctx->args[0];
-#ifdef PREV_STATE_ARG
-    u64 prev_state = (u32)ctx->args[PREV_STATE_ARG];
-#else
-    u64 prev_state = 0;
-    bpf_probe_read_kernel(&prev_state, TASK_STATE_SIZE, (void *)ctx->args[1] + TASK_STATE_OFF);
-#endif
-    /* A preempted task stays on the run queue whatever its state (kernel/sched/core.c __schedule). */
-    on_switch((u32)bpf_get_current_pid_tgid(), preempt || prev_state == 0, task_pid((void *)ctx->args[2]));
-    return 0;
-}
-
-#endif /* STRATEGY_RAW_TP */
-
-#ifdef STRATEGY_TP
-
-TRACEPOINT_PROBE(sched, sched_wakeup)
-{
-    mark_runnable(args->pid, 0);
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_wakeup_new)
-{
-    mark_runnable(args->pid, bpf_get_current_cgroup_id());
-    return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_switch)
-{
-    /*
-     * prev_state is __trace_sched_switch_state(): TASK_REPORT_MAX (0x100 since 4.14) when
-     * preempted, 0 when runnable, a sleep state bit below 0x100 otherwise. Runnable = no bit of
-     * the report mask set (include/trace/events/sched.h).
-     */
-    on_switch(args->prev_pid, (args->prev_state & TASK_REPORT_MASK) == 0, args->next_pid);
+    record(s->cgid, delta);
     return 0;
 }
 

@@ -1,12 +1,17 @@
 """Run-queue latency probe: per-cgroup log2 histograms of wakeup/preemption-to-run time.
 
-Kernel interface: ``sched:sched_wakeup``, ``sched:sched_wakeup_new`` and ``sched:sched_switch``,
-attached as raw tracepoints (task fields at BTF offsets; cheapest) or, failing that, as classic
-tracepoints (fields from the tracefs format). The BPF side is ``runqlat.bpf.c``.
+Kernel interfaces, in order of preference (``runqlat.bpf.c`` has both):
 
-The cgroup of a woken task is the one it had when it last ran, recorded at its switch-out; the
-waker is ``current`` at wakeup time, not the wakee. Histogram entries of cgroups that no longer
-exist are deleted at scrape time once two scrapes in a row could not find them.
+* ``raw_tracepoint``: ``sched:sched_switch`` only. At each switch-out the wait that preceded the
+  ending run is read from the kernel's own accounting, ``task->sched_info.run_delay`` (offsets from
+  BTF), and charged to the task's cgroup at that moment - the cgroup it ran in, never a waker's.
+  No clock read and no wakeup hook: about a third of the cost of timestamping (see README).
+* ``tracepoint``: ``sched:sched_wakeup``, ``sched_wakeup_new`` and ``sched_switch`` through tracefs
+  (no BTF needed): timestamp when runnable, delta at switch-in, charged to the cgroup the task had
+  when it last ran (the waker is ``current`` at wakeup time, not the wakee).
+
+Histogram entries of cgroups that no longer exist are deleted at scrape time once two scrapes in a
+row could not find them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 
 from probes import tracefs
 from probes.base import CgroupLabeler, KernelFacts, Probe
+from probes.btf import BTFError
 from probes.histogram import NSLOTS, cumulative_buckets
 
 log = logging.getLogger(__name__)
@@ -58,12 +64,12 @@ class RunqlatProbe(Probe):
         only_strategies: tuple[str, ...] | None = None,
         max_cgroups: int = 1024,
         max_pid_slots: int = 1 << 18,
-        prev_state_from_field: bool = False,
+        task_btf: bool | None = None,
     ) -> None:
         super().__init__(kernel, labeler, only_strategies)
         self.max_cgroups = max_cgroups
         self.max_pid_slots = max_pid_slots
-        self.prev_state_from_field = prev_state_from_field  # force the pre-5.18 path (tests)
+        self.task_btf = task_btf  # None: use bpf_get_current_task_btf() where the kernel has it
         self._missing: set[int] = set()  # cgroup ids not found at the previous scrape
 
     def _pid_max(self) -> int:
@@ -72,9 +78,26 @@ class RunqlatProbe(Probe):
         except (OSError, ValueError):
             return int(Path("/proc/sys/kernel/pid_max").read_text())
 
-    def unsupported(self, strategy: str) -> str | None:
-        if strategy == RAW_TRACEPOINT and self.kernel.btf is None:
+    def _sched_info_offsets(self) -> tuple[int, int] | str:
+        """(offset of sched_info.pcount in task_struct, gap to run_delay), or why not available."""
+        btf = self.kernel.btf
+        if btf is None:
             return f"no kernel BTF at {self.kernel.btf_path} for task_struct offsets"
+        try:
+            base = btf.member("task_struct", "sched_info").offset
+            pcount = btf.member("sched_info", "pcount")
+            run_delay = btf.member("sched_info", "run_delay")
+        except BTFError as e:
+            return f"kernel without CONFIG_SCHED_INFO ({e})"
+        gap = run_delay.offset - pcount.offset
+        if pcount.size != 8 or run_delay.size != 8 or gap <= 0 or gap % 8 or gap > 64:
+            return f"unexpected struct sched_info layout (pcount@{pcount.offset}, run_delay@{run_delay.offset})"
+        return base + pcount.offset, gap
+
+    def unsupported(self, strategy: str) -> str | None:
+        if strategy == RAW_TRACEPOINT:
+            offsets = self._sched_info_offsets()
+            return offsets if isinstance(offsets, str) else None
         return None
 
     def render(self, strategy: str | None = None) -> tuple[str, list[str]]:
@@ -82,18 +105,15 @@ class RunqlatProbe(Probe):
         pid_slots = pid_slots_for(self._pid_max(), self.max_pid_slots)
         cflags = [f"-DPID_SLOTS={pid_slots}", f"-DMAX_CGROUPS={self.max_cgroups}"]
         if strategy == RAW_TRACEPOINT:
-            btf = self.kernel.btf
-            if btf is None:
-                raise ValueError("raw_tracepoint needs kernel BTF")
-            cflags += ["-DSTRATEGY_RAW_TP", f"-DTASK_PID_OFF={btf.member('task_struct', 'pid').offset}"]
-            if btf.raw_tracepoint_arg_count("sched_switch") >= 4 and not self.prev_state_from_field:
-                cflags.append("-DPREV_STATE_ARG=3")
-            else:
-                # Before 5.18 sched_switch had no prev_state argument; the field was renamed
-                # state -> __state in 5.14 (and narrowed from long to unsigned int).
-                field = "__state" if btf.has_member("task_struct", "__state") else "state"
-                member = btf.member("task_struct", field)
-                cflags += [f"-DTASK_STATE_OFF={member.offset}", f"-DTASK_STATE_SIZE={member.size}"]
+            offsets = self._sched_info_offsets()
+            if isinstance(offsets, str):
+                raise ValueError(offsets)
+            cflags += ["-DSTRATEGY_SCHEDINFO", f"-DSCHED_INFO_OFF={offsets[0]}", f"-DRUN_DELAY_GAP={offsets[1]}"]
+            task_btf = self.task_btf
+            if task_btf is None:  # the helper's implementation is a kernel function since 5.11
+                task_btf = bool(self.kernel.btf and self.kernel.btf.has_function("bpf_get_current_task_btf"))
+            if task_btf:
+                cflags.append("-DTASK_BTF")
         elif strategy == TRACEPOINT:
             cflags += ["-DSTRATEGY_TP", f"-DTASK_REPORT_MASK={TASK_REPORT_MASK:#x}"]
         else:

@@ -19,24 +19,24 @@ from tests.conftest import BUSY, SLEEPER, run_delay_ns
 
 @dataclass
 class FakeBTF:
-    switch_args: int = 4
-    state_field: str = "__state"
+    """The few BTF facts runqlat asks for, with a 6.18-like layout."""
+
+    sched_info: bool = True
+    gap: int = 8
+    task_btf_helper: bool = True
 
     def member(self, struct: str, name: str) -> Member:
-        table = {"pid": Member(1264, 4), "__state": Member(24, 4), "state": Member(16, 8)}
-        if struct != "task_struct" or name not in table or (name in ("state", "__state") and name != self.state_field):
-            raise BTFError(name)
-        return table[name]
+        table = {
+            ("task_struct", "sched_info"): Member(1008, 48),
+            ("sched_info", "pcount"): Member(0, 8),
+            ("sched_info", "run_delay"): Member(self.gap, 8),
+        }
+        if (struct, name) not in table or (not self.sched_info and name == "sched_info"):
+            raise BTFError(f"struct {struct} has no member {name!r}")
+        return table[(struct, name)]
 
-    def has_member(self, struct: str, name: str) -> bool:
-        try:
-            self.member(struct, name)
-        except BTFError:
-            return False
-        return True
-
-    def raw_tracepoint_arg_count(self, tp: str) -> int:
-        return self.switch_args
+    def has_function(self, name: str) -> bool:
+        return self.task_btf_helper and name == "bpf_get_current_task_btf"
 
 
 def fake_kernel(tmp_path: Path, btf: FakeBTF | None) -> KernelFacts:
@@ -55,33 +55,43 @@ def test_pid_slots_cover_pid_max_up_to_the_cap() -> None:
     assert pid_slots_for(10, 1 << 18) == 1024
 
 
-def test_render_raw_tracepoint_uses_btf_offsets_and_prev_state_arg(tmp_path: Path) -> None:
+def test_render_raw_tracepoint_uses_sched_info_offsets_from_btf(tmp_path: Path) -> None:
     probe = RunqlatProbe(fake_kernel(tmp_path, FakeBTF()), max_cgroups=64)
     text, cflags = probe.render(RAW_TRACEPOINT)
     assert "RAW_TRACEPOINT_PROBE(sched_switch)" in text
     assert cflags == [
         "-DPID_SLOTS=262144",
         "-DMAX_CGROUPS=64",
-        "-DSTRATEGY_RAW_TP",
-        "-DTASK_PID_OFF=1264",
-        "-DPREV_STATE_ARG=3",
+        "-DSTRATEGY_SCHEDINFO",
+        "-DSCHED_INFO_OFF=1008",
+        "-DRUN_DELAY_GAP=8",
+        "-DTASK_BTF",
     ]
 
 
-@pytest.mark.parametrize(("field", "offset", "size"), [("__state", 24, 4), ("state", 16, 8)])
-def test_render_raw_tracepoint_before_5_18_reads_state_field(
-    tmp_path: Path, field: str, offset: int, size: int
-) -> None:
-    probe = RunqlatProbe(fake_kernel(tmp_path, FakeBTF(switch_args=3, state_field=field)))
-    _, cflags = probe.render(RAW_TRACEPOINT)
-    assert "-DPREV_STATE_ARG=3" not in cflags
-    assert f"-DTASK_STATE_OFF={offset}" in cflags and f"-DTASK_STATE_SIZE={size}" in cflags
+def test_render_raw_tracepoint_probe_read_path_before_5_11(tmp_path: Path) -> None:
+    _, cflags = RunqlatProbe(fake_kernel(tmp_path, FakeBTF(task_btf_helper=False))).render(RAW_TRACEPOINT)
+    assert "-DSTRATEGY_SCHEDINFO" in cflags and "-DTASK_BTF" not in cflags
+
+
+@pytest.mark.parametrize(
+    ("btf", "reason"),
+    [
+        (None, "no kernel BTF"),
+        (FakeBTF(sched_info=False), "CONFIG_SCHED_INFO"),
+        (FakeBTF(gap=12), "unexpected struct sched_info layout"),
+    ],
+)
+def test_raw_tracepoint_unsupported_says_why(tmp_path: Path, btf: FakeBTF | None, reason: str) -> None:
+    probe = RunqlatProbe(fake_kernel(tmp_path, btf))
+    assert reason in (probe.unsupported(RAW_TRACEPOINT) or "")
+    assert probe.unsupported(TRACEPOINT) is None
+    with pytest.raises(ValueError, match=reason):
+        probe.render(RAW_TRACEPOINT)
 
 
 def test_render_tracepoint_needs_no_btf(tmp_path: Path) -> None:
     probe = RunqlatProbe(fake_kernel(tmp_path, None))
-    assert probe.unsupported(RAW_TRACEPOINT) is not None
-    assert probe.unsupported(TRACEPOINT) is None
     _, cflags = probe.render(TRACEPOINT)
     assert "-DSTRATEGY_TP" in cflags and "-DTASK_REPORT_MASK=0xff" in cflags
     with pytest.raises(ValueError):
@@ -123,7 +133,7 @@ def loaded(strategies: tuple[str, ...], tmp_path: Path, **kw: object) -> Runqlat
 
 STRATEGY_CASES = [
     pytest.param((RAW_TRACEPOINT,), {}, id="raw_tracepoint"),
-    pytest.param((RAW_TRACEPOINT,), {"prev_state_from_field": True}, id="raw_tracepoint-state-field"),
+    pytest.param((RAW_TRACEPOINT,), {"task_btf": False}, id="raw_tracepoint-probe-read"),
     pytest.param((TRACEPOINT,), {}, id="tracepoint"),
 ]
 
@@ -154,10 +164,11 @@ def test_histogram_sum_agrees_with_schedstat_run_delay(strategies, kw, tmp_path:
 
 
 @pytest.mark.bpf
-def test_sleeping_task_is_attributed_to_its_own_cgroup(tmp_path: Path, make_cgroup) -> None:
-    """A woken task is counted in the cgroup it ran in, not its waker's."""
+@pytest.mark.parametrize(("strategies", "kw"), STRATEGY_CASES)
+def test_sleeping_task_is_attributed_to_its_own_cgroup(strategies, kw, tmp_path: Path, make_cgroup) -> None:
+    """A woken task is counted in the cgroup it ran in, not its waker's (a timer softirq or kworker)."""
     idle = make_cgroup("idle")
-    probe = loaded((RAW_TRACEPOINT,), tmp_path)
+    probe = loaded(strategies, tmp_path, **kw)
     try:
         idle.spawn(SLEEPER, cpu=max(os.sched_getaffinity(0)))
         time.sleep(2)
@@ -206,11 +217,7 @@ def test_bounded_cgroup_map_counts_what_it_drops(tmp_path: Path, make_cgroup) ->
 def test_close_detaches_programs(tmp_path: Path) -> None:
     probe = loaded((RAW_TRACEPOINT,), tmp_path)
     fds = probe.program_fds()
-    assert set(fds) == {
-        "raw_tracepoint__sched_switch",
-        "raw_tracepoint__sched_wakeup",
-        "raw_tracepoint__sched_wakeup_new",
-    }
+    assert set(fds) == {"raw_tracepoint__sched_switch"}  # no wakeup hook: the kernel accounts the waits
     probe.close()
     probe.close()  # idempotent
     assert probe.program_fds() == {} and list(probe.collect()) == []

@@ -77,12 +77,11 @@ def cmd_probes(config: AgentConfig, as_json: bool, print_c: str | None) -> int:
         text, cflags = probe.render()
         print(f"// cflags: {' '.join(cflags)}\n{text}")
         return 0
-    headers = agent.kernel.headers
     try:
         agent.load_probes()
         report = {
             "kernel": agent.kernel.release,
-            "headers": headers.describe() if hasattr(headers, "describe") else f"none: {headers}",
+            "headers": agent.kernel.describe_headers(),
             "probes": [
                 {
                     "probe": s.name,

@@ -56,7 +56,9 @@ class Agent:
     def __init__(self, config: AgentConfig, extra_probes: Iterable[Probe] = ()) -> None:
         self.config = config
         self.paths = HostPaths(config.host_root)
-        self.kernel = KernelFacts(host_root=self.paths.root, sys_root=self.paths.sys, cache_dir=config.cache_dir)
+        self.kernel = KernelFacts(
+            host_root=self.paths.root, sys_root=self.paths.sys, proc_root=self.paths.proc, cache_dir=config.cache_dir
+        )
         self.workloads = Workloads(self.paths.cgroup_v2())
         self.exporter = Exporter(static=self.agent_metrics)
         self.probes: dict[str, ProbeState] = {}
@@ -101,8 +103,7 @@ class Agent:
         log.info("serving metrics on %s:%s", host, port)
 
     def load_probes(self) -> None:
-        headers = self.kernel.headers
-        log.info("kernel %s; %s", self.kernel.release, headers.describe() if hasattr(headers, "describe") else headers)
+        log.info("kernel %s; %s", self.kernel.release, self.kernel.describe_headers())
         started = time.monotonic()
         for probe in self.candidates:
             state = ProbeState(probe.name)

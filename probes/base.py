@@ -60,7 +60,12 @@ class KernelFacts:
     btf_path: Path = Path("/sys/kernel/btf/vmlinux")
     host_root: Path = Path("/")
     sys_root: Path = Path("/sys")
+    proc_root: Path = Path("/proc")
     cache_dir: Path = Path("/var/cache/nodetune")
+
+    def describe_headers(self) -> str:
+        headers = self.headers
+        return headers.describe() if isinstance(headers, KernelHeaders) else f"no headers: {headers}"
 
     @cached_property
     def btf(self) -> BTF | None:

@@ -18,11 +18,13 @@ for programs that read tracepoint fields, helpers and BTF-derived offsets — wh
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,39 +89,51 @@ def _is_tree(path: Path) -> bool:
     return (path / "include" / "linux").is_dir() or (path / "include" / "generated").is_dir()
 
 
-def _merge_trees(sources: list[Path], dest: Path) -> None:
-    """Build ``dest`` as a tree of symlinks to the files of ``sources`` (later ones win).
+def _build_atomically(dest: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build(tmp)`` in a temporary sibling of ``dest`` and rename it into place.
 
-    The equivalent of ``cp -as a/. b/. dest`` done in-process, limited to include/ and arch/.
+    A half-built tree is never visible; if another process won the race its tree is kept.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
-        for src in sources:
-            for top in _TREES:
-                base = src / top
-                if not base.is_dir():
-                    continue
-                for dirpath, _dirnames, filenames in os.walk(base, followlinks=True):
-                    rel = Path(dirpath).relative_to(src)
-                    (tmp / rel).mkdir(parents=True, exist_ok=True)
-                    for name in filenames:
-                        link = tmp / rel / name
-                        if link.is_symlink() or link.exists():
-                            link.unlink()
-                        link.symlink_to(Path(dirpath, name).resolve())
+        build(tmp)
         os.rename(tmp, dest)
-    except FileExistsError:  # another process built it first
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (isinstance(e, FileExistsError) or (dest.is_dir() and e.errno == errno.ENOTEMPTY)):
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _merge_trees(sources: list[Path], dest: Path) -> None:
+    """Build ``dest`` as a tree of symlinks to the files of ``sources`` (later ones win).
+
+    The equivalent of ``cp -as a/. b/. dest`` done in-process, limited to include/ and arch/.
+    """
+    _build_atomically(dest, lambda tmp: _link_all(sources, tmp))
+
+
+def _link_all(sources: list[Path], tmp: Path) -> None:
+    for src in sources:
+        for top in _TREES:
+            base = src / top
+            if not base.is_dir():
+                continue
+            for dirpath, _dirnames, filenames in os.walk(base, followlinks=True):
+                rel = Path(dirpath).relative_to(src)
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+                for name in filenames:
+                    link = tmp / rel / name
+                    if link.is_symlink() or link.exists():
+                        link.unlink()
+                    link.symlink_to(Path(dirpath, name).resolve())
+
+
 def _extract_kheaders(archive: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    try:
+    def extract(tmp: Path) -> None:
         with tarfile.open(archive, "r:xz") as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
@@ -129,12 +143,8 @@ def _extract_kheaders(archive: Path, dest: Path) -> None:
                     if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
                         raise HeadersNotFound(f"{archive}: unsafe member {m.name!r}")
                 tar.extractall(tmp, members=members)
-        os.rename(tmp, dest)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _build_atomically(dest, extract)
 
 
 _VERSION_RE = re.compile(r"^linux-headers-(\d+)\.(\d+)\.(\d+)(?:-(\d+))?")

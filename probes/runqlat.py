@@ -5,7 +5,7 @@ Kernel interfaces, in order of preference (``runqlat.bpf.c`` has both):
 * ``raw_tracepoint``: ``sched:sched_switch`` only. At each switch-out the wait that preceded the
   ending run is read from the kernel's own accounting, ``task->sched_info.run_delay`` (offsets from
   BTF), and charged to the task's cgroup at that moment - the cgroup it ran in, never a waker's.
-  No clock read and no wakeup hook: about a third of the cost of timestamping (see README).
+  No clock read and no wakeup hook (cost: README, Overhead).
 * ``tracepoint``: ``sched:sched_wakeup``, ``sched_wakeup_new`` and ``sched_switch`` through tracefs
   (no BTF needed): timestamp when runnable, delta at switch-in, charged to the cgroup the task had
   when it last ran (the waker is ``current`` at wakeup time, not the wakee).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -74,9 +73,9 @@ class RunqlatProbe(Probe):
 
     def _pid_max(self) -> int:
         try:
-            return int(Path(self.kernel.sys_root.parent, "proc/sys/kernel/pid_max").read_text())
+            return int((self.kernel.proc_root / "sys/kernel/pid_max").read_text())
         except (OSError, ValueError):
-            return int(Path("/proc/sys/kernel/pid_max").read_text())
+            return 1 << 22  # PID_MAX_LIMIT on 64-bit: the slot array is capped anyway
 
     def _sched_info_offsets(self) -> tuple[int, int] | str:
         """(offset of sched_info.pcount in task_struct, gap to run_delay), or why not available."""

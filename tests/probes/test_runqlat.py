@@ -43,7 +43,13 @@ def fake_kernel(tmp_path: Path, btf: FakeBTF | None) -> KernelFacts:
     proc = tmp_path / "proc/sys/kernel"
     proc.mkdir(parents=True)
     (proc / "pid_max").write_text("4194304\n")
-    k = KernelFacts(release="6.18.0-test", host_root=tmp_path, sys_root=tmp_path / "sys", cache_dir=tmp_path)
+    k = KernelFacts(
+        release="6.18.0-test",
+        host_root=tmp_path,
+        sys_root=tmp_path / "sys",
+        proc_root=tmp_path / "proc",
+        cache_dir=tmp_path,
+    )
     k.__dict__["btf"] = btf  # cached_property override: no kernel needed
     return k
 

@@ -74,9 +74,9 @@ class AgentConfig:
     health_timeout_s: float = 30.0
     """/healthz fails when the main loop has not ticked for this long (seconds)."""
     runqlat_max_cgroups: int = 1024
-    """Histograms kept in the kernel (one per cgroup whose tasks waited). Memory: 200 B x CPUs each."""
+    """Histogram rows kept in the kernel (one per cgroup whose tasks waited). Memory: 200 B x CPUs each."""
     runqlat_max_pid_slots: int = 1 << 18
-    """Upper bound of the pid-indexed slot array (24 B each). Above pid_max pids share slots."""
+    """Upper bound of the pid-indexed slot array (40 B each). Above pid_max pids share slots."""
 
     def __post_init__(self) -> None:
         if self.log_level not in LEVELS:

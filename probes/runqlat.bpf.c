@@ -20,10 +20,14 @@
  *
  * Sizes:
  *   PID_SLOTS    power of two; pid-indexed slots, direct-mapped (pid & (PID_SLOTS-1)) with a tag
- *   MAX_CGROUPS  histograms kept (one per cgroup whose tasks waited)
+ *   MAX_CGROUPS  histogram rows (one per cgroup whose tasks waited)
  *
- * Per-event path: array lookups and one per-CPU hash lookup; a hash insert only for the first
- * event of a new cgroup; nothing sent to user space.
+ * Histograms live in rows of a per-CPU array. A cgroup gets a row from the free-row queue the
+ * first time one of its tasks waits (cgroup id -> row in runqlat_cgroup_rows, row -> cgroup id in
+ * runqlat_row_owner); user space zeroes the rows of vanished cgroups and pushes them back. The
+ * pid slot caches (cgroup id, row), so the per-event path is array accesses only: no hash lookup,
+ * insert or delete except when a task shows up in a cgroup for the first time. Nothing is sent to
+ * user space.
  */
 
 #define NSLOTS 24 /* slot 0: < 1 us; slot s: [2^(s-1), 2^s) us; slot 23: >= 2^22 us (4.19 s) */
@@ -40,7 +44,10 @@ enum runqlat_stat {
     NSTATS,
 };
 
-BPF_PERCPU_HASH(runqueue_latency_seconds, u64, struct runq_hist, MAX_CGROUPS);
+BPF_PERCPU_ARRAY(runqueue_latency_seconds, struct runq_hist, MAX_CGROUPS);
+BPF_HASH(runqlat_cgroup_rows, u64, u32, MAX_CGROUPS);
+BPF_ARRAY(runqlat_row_owner, u64, MAX_CGROUPS); /* 0 = free */
+BPF_QUEUE(runqlat_free_rows, u32, MAX_CGROUPS); /* filled with every row by user space at load */
 BPF_PERCPU_ARRAY(runqlat_stats, u64, NSTATS);
 
 static __always_inline void count_stat(int stat)
@@ -50,18 +57,40 @@ static __always_inline void count_stat(int stat)
         (*v)++;
 }
 
-static __always_inline void record(u64 cgid, u64 delta_ns)
+/* Whether `row` still belongs to `cgid` (a row is reclaimed only after its cgroup vanished). */
+static __always_inline int row_owned(u32 row, u64 cgid)
 {
-    struct runq_hist *h = runqueue_latency_seconds.lookup(&cgid);
-    if (!h) {
-        struct runq_hist zero = {};
-        runqueue_latency_seconds.insert(&cgid, &zero);
-        h = runqueue_latency_seconds.lookup(&cgid);
-        if (!h) {
-            count_stat(STAT_CGROUP_MAP_FULL);
-            return;
-        }
+    u64 *owner = runqlat_row_owner.lookup(&row);
+    return owner && *owner == cgid;
+}
+
+/* The histogram row of `cgid`, taking a free one on first use; -1 when none is left. */
+static __always_inline int row_of(u64 cgid)
+{
+    u32 *known = runqlat_cgroup_rows.lookup(&cgid);
+    if (known)
+        return *known;
+    u32 row;
+    if (runqlat_free_rows.pop(&row)) {
+        count_stat(STAT_CGROUP_MAP_FULL);
+        return -1;
     }
+    if (runqlat_cgroup_rows.insert(&cgid, &row)) { /* another CPU won the race */
+        runqlat_free_rows.push(&row, 0);
+        known = runqlat_cgroup_rows.lookup(&cgid);
+        return known ? *known : -1;
+    }
+    u64 *owner = runqlat_row_owner.lookup(&row);
+    if (owner)
+        *owner = cgid;
+    return row;
+}
+
+static __always_inline void record(u32 row, u64 delta_ns)
+{
+    struct runq_hist *h = runqueue_latency_seconds.lookup(&row);
+    if (!h)
+        return;
     u32 slot = bpf_log2l(delta_ns / 1000);
     if (slot >= NSLOTS)
         slot = NSLOTS - 1;
@@ -75,6 +104,9 @@ struct delay_slot {
     u64 task;      /* owner tag: task_struct address (pids p and p + PID_SLOTS share a slot) */
     u64 pcount;    /* sched_info.pcount at the owner's last switch-out */
     u64 run_delay; /* sched_info.run_delay (ns) at the owner's last switch-out */
+    u64 cgid;      /* cache: the cgroup the owner last waited in ... */
+    u32 row;       /* ... and that cgroup's histogram row */
+    u32 pad;
 };
 
 BPF_ARRAY(runqlat_pid_slots, struct delay_slot, PID_SLOTS);
@@ -116,8 +148,17 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     s->task = task;
     s->pcount = pcount;
     s->run_delay = run_delay;
-    if (have)
-        record(bpf_get_current_cgroup_id(), delta);
+    if (!have)
+        return 0;
+    u64 cgid = bpf_get_current_cgroup_id();
+    if (s->cgid != cgid || !row_owned(s->row, cgid)) {
+        int row = row_of(cgid);
+        if (row < 0)
+            return 0;
+        s->cgid = cgid;
+        s->row = row;
+    }
+    record(s->row, delta);
     return 0;
 }
 
@@ -200,7 +241,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
         count_stat(STAT_UNATTRIBUTED);
         return 0;
     }
-    record(s->cgid, delta);
+    int row = row_of(s->cgid);
+    if (row >= 0)
+        record(row, delta);
     return 0;
 }
 

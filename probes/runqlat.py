@@ -123,6 +123,11 @@ class RunqlatProbe(Probe):
         if strategy == TRACEPOINT:
             tracefs.acquire()
 
+    def _after_load(self, strategy: str) -> None:
+        free = self.table("runqlat_free_rows")
+        for row in range(self.max_cgroups):
+            free.push(free.Leaf(row))
+
     def _after_close(self, strategy: str) -> None:
         if strategy == TRACEPOINT:
             tracefs.release()
@@ -130,15 +135,16 @@ class RunqlatProbe(Probe):
     # --- scrape time ----------------------------------------------------------------------
     def read_histograms(self) -> dict[int, tuple[list[int], int]]:
         """cgroup id -> (slot counts summed over CPUs, sum of latencies in ns)."""
+        hist = self.table("runqueue_latency_seconds")
         out: dict[int, tuple[list[int], int]] = {}
-        for key, per_cpu in self.table("runqueue_latency_seconds").items():
+        for cgid, row in self.table("runqlat_cgroup_rows").items():
             slots = [0] * NSLOTS
             total_ns = 0
-            for cpu_value in per_cpu:
+            for cpu_value in hist[hist.Key(row.value)]:
                 for i in range(NSLOTS):
                     slots[i] += cpu_value.slots[i]
                 total_ns += cpu_value.sum_ns
-            out[key.value] = (slots, total_ns)
+            out[cgid.value] = (slots, total_ns)
         return out
 
     def read_stats(self) -> dict[str, int]:
@@ -146,10 +152,20 @@ class RunqlatProbe(Probe):
         return {reason: sum(table[table.Key(i)]) for i, reason in enumerate(STAT_REASONS)}
 
     def _forget(self, gone: Iterable[int]) -> None:
-        table = self.table("runqueue_latency_seconds")
+        """Give the rows of vanished cgroups back: unown, unmap, zero, then free (in that order,
+        so the kernel never adds to a row it is about to hand to another cgroup)."""
+        rows, owner = self.table("runqlat_cgroup_rows"), self.table("runqlat_row_owner")
+        hist, free = self.table("runqueue_latency_seconds"), self.table("runqlat_free_rows")
         for cgid in gone:
-            with contextlib.suppress(KeyError):  # already gone
-                del table[table.Key(cgid)]
+            try:
+                row = rows[rows.Key(cgid)].value
+            except KeyError:
+                continue
+            owner[owner.Key(row)] = owner.Leaf(0)
+            with contextlib.suppress(KeyError):
+                del rows[rows.Key(cgid)]
+            hist[hist.Key(row)] = hist.Leaf()
+            free.push(free.Leaf(row))
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:

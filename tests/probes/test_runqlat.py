@@ -220,6 +220,32 @@ def test_bounded_cgroup_map_counts_what_it_drops(tmp_path: Path, make_cgroup) ->
 
 
 @pytest.mark.bpf
+@pytest.mark.parametrize(("strategies", "kw"), STRATEGY_CASES)
+def test_row_of_a_removed_cgroup_is_zeroed_and_freed(strategies, kw, tmp_path: Path, make_cgroup) -> None:
+    cg = make_cgroup("row")
+    probe = loaded(strategies, tmp_path, **kw)
+    try:
+        cg.spawn(SLEEPER)
+        time.sleep(1)
+        rows, owner = probe.table("runqlat_cgroup_rows"), probe.table("runqlat_row_owner")
+        hist, free = probe.table("runqueue_latency_seconds"), probe.table("runqlat_free_rows")
+        cg_id = cg.id
+        row = rows[rows.Key(cg_id)].value
+        assert owner[owner.Key(row)].value == cg_id
+        assert sum(sum(c.slots) for c in hist[hist.Key(row)]) > 0
+        cg.remove()
+        probe.labeler.gone.add(cg_id)
+        list(probe.collect())
+        list(probe.collect())  # second miss: unowned, unmapped, zeroed, freed
+        assert owner[owner.Key(row)].value == 0
+        assert cg_id not in {k.value for k, _ in rows.items()}
+        assert all(c.sum_ns == 0 and not any(c.slots) for c in hist[hist.Key(row)])
+        assert row in [v.value for v in free.values()]  # drains the queue: the probe closes next
+    finally:
+        probe.close()
+
+
+@pytest.mark.bpf
 def test_close_detaches_programs(tmp_path: Path) -> None:
     probe = loaded((RAW_TRACEPOINT,), tmp_path)
     fds = probe.program_fds()

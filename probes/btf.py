@@ -5,7 +5,7 @@ against a 6.18 kernel), so every struct field a BPF program reads is located her
 from the running kernel's own type information and passed to the C code as a macro.
 
 Only what the probes need is decoded: member offsets of named structs (following anonymous
-struct/union members) and the parameter count of a raw tracepoint's ``btf_trace_<name>`` typedef.
+struct/union members) and whether a kernel function exists (a helper's availability).
 Format: Documentation/bpf/btf.rst (type section of ``struct btf_type`` records + string section).
 """
 
@@ -154,13 +154,6 @@ class BTF:
                 return Member(bits // 8, self._size_of(mtype))
         raise BTFError(f"struct {struct_name} has no member {member!r}")
 
-    def has_member(self, struct_name: str, member: str) -> bool:
-        try:
-            self.member(struct_name, member)
-        except BTFError:
-            return False
-        return True
-
     def has_function(self, name: str) -> bool:
         """Whether the kernel has a function of this name (BTF FUNC record)."""
         try:
@@ -168,21 +161,3 @@ class BTF:
         except BTFError:
             return False
         return True
-
-    def raw_tracepoint_arg_count(self, tracepoint: str) -> int:
-        """How many arguments a raw tracepoint passes, from the ``btf_trace_<tp>`` typedef.
-
-        The kernel declares ``typedef void (*btf_trace_<tp>)(void *__data, proto...)`` for every
-        tracepoint (include/trace/bpf_probe.h); the first parameter is the hidden ``__data``.
-        vmlinux BTF keeps no parameter names for these prototypes, only their count and types.
-        """
-        type_id = self._strip_pointer(self._find(f"btf_trace_{tracepoint}", {KIND_TYPEDEF}))
-        _, kind, vlen, _, _ = self._record(type_id)
-        if kind != KIND_FUNC_PROTO:
-            raise BTFError(f"btf_trace_{tracepoint} is not a function prototype")
-        return vlen - 1
-
-    def _strip_pointer(self, type_id: int) -> int:
-        type_id = self._strip(type_id)
-        _, kind, _, _, target = self._record(type_id)
-        return self._strip(target) if kind == KIND_PTR else type_id

@@ -25,17 +25,3 @@ def cumulative_buckets(slots: Sequence[int]) -> list[tuple[str, int]]:
         out.append((repr(bound), total))
     out.append(("+Inf", total + slots[-1]))
     return out
-
-
-def quantile(slots: Sequence[int], q: float) -> float:
-    """Upper bound of the bucket holding quantile ``q`` (what histogram_quantile would bracket)."""
-    total = sum(slots)
-    if total == 0:
-        return 0.0
-    rank = q * total
-    seen = 0
-    for i, count in enumerate(slots):
-        seen += count
-        if seen >= rank:
-            return BUCKET_BOUNDS[i] if i < len(BUCKET_BOUNDS) else float("inf")
-    return float("inf")

@@ -38,12 +38,14 @@ def bpf_unavailable_reason() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _bpf_gate(request: pytest.FixtureRequest) -> None:
-    if request.node.get_closest_marker("bpf") or request.node.get_closest_marker("root"):
-        reason = bpf_unavailable_reason() if request.node.get_closest_marker("bpf") else None
-        if reason is None and os.geteuid() != 0:
-            reason = "needs root"
-        if reason:
-            pytest.skip(reason)
+    if request.node.get_closest_marker("bpf"):
+        reason = bpf_unavailable_reason()
+    elif request.node.get_closest_marker("root"):
+        reason = "needs root" if os.geteuid() != 0 else None
+    else:
+        return
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.hookimpl(hookwrapper=True)

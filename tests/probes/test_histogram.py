@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from probes.histogram import BUCKET_BOUNDS, NSLOTS, cumulative_buckets, quantile
+from probes.histogram import BUCKET_BOUNDS, NSLOTS, cumulative_buckets
 
 
 def test_bounds_are_powers_of_two_from_one_microsecond() -> None:
@@ -29,11 +29,3 @@ def test_cumulative_with_open_last_slot() -> None:
 def test_wrong_slot_count_is_an_error() -> None:
     with pytest.raises(ValueError):
         cumulative_buckets([0] * 10)
-
-
-def test_quantile_brackets() -> None:
-    slots = [0] * NSLOTS
-    slots[1], slots[10] = 99, 1
-    assert quantile(slots, 0.5) == 2e-6
-    assert quantile(slots, 1.0) == BUCKET_BOUNDS[10]
-    assert quantile([0] * NSLOTS, 0.99) == 0.0

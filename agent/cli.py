@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from agent import __version__, logs
-from agent.config import DEFAULT_PORT, AgentConfig, ConfigError, parse_listen, parse_probes
+from agent.config import DEFAULT_PORT, HIERARCHY_CHOICES, AgentConfig, ConfigError, parse_listen, parse_probes
+from probes import PROBES
 
 log = logging.getLogger("agent.cli")
 
@@ -23,6 +24,29 @@ def _common(p: argparse.ArgumentParser, log_level: str = "info") -> None:
     p.add_argument("--probes", default="all", help="comma list of probes, 'all' (default) or 'none'")
     p.add_argument("--log-level", default=log_level, help=f"debug, info, warning, error (default {log_level})")
     p.add_argument("--cache-dir", default="/var/cache/nodetune", help="private state, e.g. merged kernel headers")
+    p.add_argument(
+        "--cgroup-hierarchy",
+        default="auto",
+        help=f"cgroup the probes charge a task to: {', '.join(HIERARCHY_CHOICES)} (default auto)",
+    )
+    for probe, cls in PROBES.items():  # each probe declares its own settings (probes/settings.py)
+        for setting in cls.settings:
+            p.add_argument(
+                setting.flag(probe),
+                dest=f"probe__{probe}__{setting.name}",
+                type=int,
+                default=setting.default,
+                help=f"{setting.help} (default {setting.default})",
+            )
+
+
+def probe_settings(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for key, value in vars(args).items():
+        if key.startswith("probe__"):
+            _, probe, name = key.split("__", 2)
+            out.setdefault(probe, {})[name] = value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help=f"HOST:PORT (default 0.0.0.0:{DEFAULT_PORT})")
     _common(run)
     run.add_argument("--max-concurrent-scrapes", type=int, default=4, help="more get HTTP 503 (default 4)")
-    run.add_argument("--runqlat-max-cgroups", type=int, default=1024, help="kernel histograms kept (default 1024)")
-    run.add_argument("--runqlat-max-pid-slots", type=int, default=1 << 18, help="pid slot array bound (default 262144)")
+    run.add_argument(
+        "--workload-series-grace",
+        type=float,
+        default=300.0,
+        help="seconds a workload's series outlive its last cgroup (default 300)",
+    )
 
     probes = sub.add_parser("probes", help="say, for each probe, whether it loads here and how")
     _common(probes, log_level="warning")
@@ -52,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "probes": parse_probes(args.probes),
         "log_level": args.log_level,
         "cache_dir": Path(args.cache_dir),
+        "cgroup_hierarchy": args.cgroup_hierarchy,
+        "probe_settings": probe_settings(args),
     }
     if args.command == "run":
         host, port = parse_listen(args.listen)
@@ -59,8 +89,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             listen_host=host,
             listen_port=port,
             max_concurrent_scrapes=args.max_concurrent_scrapes,
-            runqlat_max_cgroups=args.runqlat_max_cgroups,
-            runqlat_max_pid_slots=args.runqlat_max_pid_slots,
+            workload_series_grace_s=args.workload_series_grace,
         )
     return AgentConfig(**kwargs)  # type: ignore[arg-type]
 

@@ -7,13 +7,16 @@ anything touches the host: a bad value raises ``ConfigError`` and the CLI exits 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.logs import LEVELS
 from probes import PROBES
+from probes.settings import SettingError
 
 DEFAULT_PORT = 9662
+HIERARCHY_CHOICES = ("auto", "unified", "cpu")
 
 
 class ConfigError(ValueError):
@@ -73,19 +76,36 @@ class AgentConfig:
     """Scrapes served at once; more get HTTP 503 (as node_exporter's --web.max-requests)."""
     health_timeout_s: float = 30.0
     """/healthz fails when the main loop has not ticked for this long (seconds)."""
-    runqlat_max_cgroups: int = 1024
-    """Histogram rows kept in the kernel (one per cgroup whose tasks waited). Memory: 200 B x CPUs each."""
-    runqlat_max_pid_slots: int = 1 << 18
-    """Upper bound of the pid-indexed slot array (40 B each). Above pid_max pids share slots."""
+    probe_settings: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    """Per probe, its declared settings (``--<probe>-<setting>``; each probe documents its own)."""
+    cgroup_hierarchy: str = "auto"
+    """Which cgroup a task is charged to: ``unified`` (v2), ``cpu`` (the v1 cpu controller, for hosts
+    whose pods live only in v1 controllers), or ``auto`` (``cpu`` when it holds the pods and v2 does not)."""
+    workload_series_grace_s: float = 300.0
+    """Seconds a workload label set is still exported after its last cgroup vanished (a restarting
+    container's next cgroup continues the same counters). Default 300: CrashLoopBackOff's cap."""
+    maintain_interval_s: float = 5.0
+    """Period of the agent's housekeeping timer (row reclaim, relabelling), jittered by +-20 %."""
 
     def __post_init__(self) -> None:
         if self.log_level not in LEVELS:
             raise ConfigError(f"--log-level {self.log_level!r}: expected one of {', '.join(LEVELS)}")
         if self.max_concurrent_scrapes < 1:
             raise ConfigError("--max-concurrent-scrapes must be at least 1")
-        if not 1 <= self.runqlat_max_cgroups <= 65536:
-            raise ConfigError("--runqlat-max-cgroups must be within 1-65536")
-        if self.runqlat_max_pid_slots < 1024 or self.runqlat_max_pid_slots & (self.runqlat_max_pid_slots - 1):
-            raise ConfigError("--runqlat-max-pid-slots must be a power of two >= 1024")
+        if self.cgroup_hierarchy not in HIERARCHY_CHOICES:
+            raise ConfigError(
+                f"--cgroup-hierarchy {self.cgroup_hierarchy!r}: expected one of {', '.join(HIERARCHY_CHOICES)}"
+            )
+        if not 0 <= self.workload_series_grace_s <= 86400:
+            raise ConfigError("--workload-series-grace must be within 0-86400 seconds")
+        if not 0.1 <= self.maintain_interval_s <= 3600:
+            raise ConfigError("maintain interval must be within 0.1-3600 seconds")
+        for probe, values in self.probe_settings.items():
+            if probe not in PROBES:
+                raise ConfigError(f"settings for unknown probe {probe!r}")
+            try:
+                PROBES[probe].validate_settings(dict(values))
+            except SettingError as e:
+                raise ConfigError(str(e)) from None
         if not self.host_root.is_dir():
             raise ConfigError(f"--host-root {self.host_root}: not a directory")

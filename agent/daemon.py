@@ -1,14 +1,20 @@
-"""``nodetune run``: load the probes, serve metrics, stay alive until SIGTERM.
+"""``nodetune run``: load the probes, serve metrics, keep house, stay alive until SIGTERM.
 
-Start-up order: HTTP server first (so /healthz answers while probes compile), then every requested
-probe is loaded once (a probe that cannot load is logged once and reported as ``probe_up 0``; the
-agent runs on), then /readyz turns 200. The main loop only beats a heartbeat for /healthz: metrics
-are read at scrape time, never polled. SIGTERM/SIGINT detach every probe and exit 0.
+Start-up order: HTTP server first, so /healthz answers at once; probes are then loaded on their
+own thread (a first-run header merge plus compile can take tens of seconds) while the main loop
+beats the /healthz heartbeat. A probe that cannot load is logged once and reported as
+``probe_up 0``; the agent runs on. /readyz turns 200 once every probe has been tried.
+
+The main loop also runs the housekeeping timer: every ``maintain_interval_s`` (+-20 % jitter, so
+that the nodes of a cluster do not act in step, seed 002) each loaded probe reclaims the rows of
+vanished cgroups and follows label changes. Metrics are read at scrape time only, and a scrape
+changes nothing. SIGTERM/SIGINT detach every probe and exit 0.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -24,7 +30,7 @@ from agent.exporter import Exporter, MetricsServer
 from agent.paths import HostPaths
 from agent.workloads import Workloads
 from probes import PROBES
-from probes.base import KernelFacts, Probe, ProbeUnavailable
+from probes.base import CPU_V1, KernelFacts, Probe, ProbeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +45,12 @@ class ProbeState:
 
 
 def make_probe(name: str, config: AgentConfig, kernel: KernelFacts, workloads: Workloads) -> Probe:
-    cls = PROBES[name]
-    if name == "runqlat":
-        return cls(
-            kernel,
-            workloads,
-            max_cgroups=config.runqlat_max_cgroups,
-            max_pid_slots=config.runqlat_max_pid_slots,
-        )
-    return cls(kernel, workloads)
+    return PROBES[name](
+        kernel,
+        workloads,
+        series_grace_s=config.workload_series_grace_s,
+        **config.probe_settings.get(name, {}),
+    )
 
 
 class Agent:
@@ -56,18 +59,32 @@ class Agent:
     def __init__(self, config: AgentConfig, extra_probes: Iterable[Probe] = ()) -> None:
         self.config = config
         self.paths = HostPaths(config.host_root)
+        self.hierarchy, hierarchy_root = self.paths.workload_hierarchy(config.cgroup_hierarchy)
         self.kernel = KernelFacts(
-            host_root=self.paths.root, sys_root=self.paths.sys, proc_root=self.paths.proc, cache_dir=config.cache_dir
+            host_root=self.paths.root,
+            sys_root=self.paths.sys,
+            proc_root=self.paths.proc,
+            cache_dir=config.cache_dir,
+            workload_hierarchy=self.hierarchy,
         )
-        self.workloads = Workloads(self.paths.cgroup_v2())
-        self.exporter = Exporter(static=self.agent_metrics)
+        self.workloads = Workloads(hierarchy_root)
+        self.exporter = Exporter()
+        self.exporter.register("agent", self)  # agent-level metrics are isolated like any unit
         self.probes: dict[str, ProbeState] = {}
+        self._probes_lock = threading.Lock()
         self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
         self.candidates.extend(extra_probes)
         self.stop_event = threading.Event()
         self._heartbeat = time.monotonic()
         self._ready = False
+        self._loader: threading.Thread | None = None
         self.server: MetricsServer | None = None
+        if hierarchy_root is None:
+            log.warning(
+                "no cgroup hierarchy for --cgroup-hierarchy %s: workloads stay unlabelled", config.cgroup_hierarchy
+            )
+        elif self.hierarchy == CPU_V1:
+            log.info("charging workloads to the v1 cpu hierarchy at %s", hierarchy_root)
 
     # --- health ---------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -76,14 +93,17 @@ class Agent:
     def ready(self) -> bool:
         return self._ready
 
-    def agent_metrics(self) -> list[Metric]:
+    def collect(self) -> list[Metric]:
+        """Agent-level metrics (the ``agent`` unit)."""
+        with self._probes_lock:
+            states = list(self.probes.values())
         build = GaugeMetricFamily("nodetune_build_info", "nodetune version running.", labels=["version"])
         build.add_metric([__version__], 1)
         up = GaugeMetricFamily("nodetune_probe_up", "Whether a BPF probe is loaded and attached.", labels=["probe"])
         info = GaugeMetricFamily(
             "nodetune_probe_info", "Attach strategy of each loaded probe.", labels=["probe", "attach"]
         )
-        for state in self.probes.values():
+        for state in states:
             up.add_metric([state.name], 1 if state.probe else 0)
             if state.probe:
                 info.add_metric([state.name, state.attach], 1)
@@ -119,17 +139,35 @@ class Agent:
                 state.probe, state.attach = probe, probe.attach or ""
                 self.exporter.register(probe.name, probe)
             state.skipped = dict(probe.skipped)
-            self.probes[probe.name] = state
+            with self._probes_lock:
+                self.probes[probe.name] = state
         self._ready = True
         log.info("probes loaded in %.2fs: %s", time.monotonic() - started, self.probe_summary())
 
     def probe_summary(self) -> str:
         return ", ".join(f"{s.name}={s.attach or 'down'}" for s in self.probes.values()) or "none"
 
+    def start_loading(self) -> None:
+        """Load the probes on a thread of their own; the main loop keeps beating meanwhile."""
+        self._loader = threading.Thread(target=self.load_probes, name="probe-loader", daemon=True)
+        self._loader.start()
+
+    def maintain(self) -> None:
+        """Housekeeping of every loaded probe (timer; never on a scrape)."""
+        with self._probes_lock:
+            loaded = [s.probe for s in self.probes.values() if s.probe is not None]
+        for probe in loaded:
+            try:
+                probe.maintain()
+            except Exception:  # a probe's bug must not stop the timer or the other probes
+                log.exception("probe %s: housekeeping failed", probe.name)
+
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self._loader is not None:
+            self._loader.join()  # never detach while a probe is half loaded
         for state in self.probes.values():
             if state.probe is not None:
                 self.exporter.unregister(state.name)
@@ -138,8 +176,13 @@ class Agent:
         log.info("probes detached")
 
     def run_forever(self, tick_s: float = 1.0) -> None:
-        while not self.stop_event.wait(tick_s):
-            self._heartbeat = time.monotonic()
+        interval = self.config.maintain_interval_s
+        next_maintain = time.monotonic() + interval * random.uniform(0.8, 1.2)
+        while not self.stop_event.wait(min(tick_s, interval)):
+            now = self._heartbeat = time.monotonic()
+            if now >= next_maintain and self._ready:
+                self.maintain()
+                next_maintain = time.monotonic() + interval * random.uniform(0.8, 1.2)
 
 
 def run(config: AgentConfig) -> int:
@@ -153,7 +196,7 @@ def run(config: AgentConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         agent.start_server()
-        agent.load_probes()
+        agent.start_loading()
         agent.run_forever()
     finally:
         agent.close()

@@ -44,9 +44,8 @@ class _Metrics:
 class Exporter:
     """Holds the units and renders one scrape."""
 
-    def __init__(self, static: Callable[[], Iterable[Metric]] | None = None) -> None:
+    def __init__(self) -> None:
         self._units: dict[str, Unit] = {}
-        self._static = static  # agent-level metrics (build_info, probe_up, ...)
         self._last_error: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -113,8 +112,6 @@ class Exporter:
             self._note(name, error)
             success.add_metric([name], 1.0 if ok else 0.0)
             duration.add_metric([name], time.perf_counter() - start)
-        if self._static is not None:
-            add(list(self._static()))
         return [*families.values(), success, duration]
 
     def render(self) -> bytes:

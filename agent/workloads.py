@@ -19,16 +19,21 @@ root for non-pod cgroups (``/system.slice/redis.service``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from probes.base import CgroupLabeler, CgroupLabels
+from probes.base import CgroupLabeler
+from probes.series import Lookup
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +97,82 @@ def host_cgroup_label(path: str, depth: int = HOST_CGROUP_DEPTH) -> str:
 
 
 class PodNames(Protocol):
-    """Source of pod names (the Kubernetes watch); returns None for pods it does not know."""
+    """Source of pod names (the Kubernetes watch); returns None for pods it does not know.
+    ``version`` changes whenever any answer may have changed (cached labels are then recomputed)."""
+
+    version: int
 
     def names(self, pod_uid: str, container_id: str) -> tuple[str, str, str] | None: ...
 
 
-class CgroupIdIndex:
-    """cgroup v2 id -> path, by walking the hierarchy; rescanned on a miss, at most every ``min_rescan_s``."""
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+FILEID_KERNFS = 0xFE  # include/linux/exportfs.h: a kernfs handle is the node's u64 id
 
-    def __init__(self, root: Path, min_rescan_s: float = 0.5) -> None:
+
+class CgroupIdIndex:
+    """cgroup id -> path in one hierarchy (v2, or a v1 controller), and whether an id is gone.
+
+    Kernel interface: cgroupfs is exportable (kernfs ``kernfs_export_ops``), so
+    ``open_by_handle_at(2)`` with the 8-byte id as a ``FILEID_KERNFS`` handle opens the cgroup's
+    directory, or fails with ESTALE once it is removed: one lookup per id, no walk, and "gone" is
+    certain. It needs CAP_DAC_READ_SEARCH; it is checked once on the hierarchy's root and, where it
+    does not work (no capability, not a cgroupfs, e.g. a fixture tree), the index walks the tree
+    instead: on a miss (at most every ``min_rescan_s``) and when its last walk is older than
+    ``max_age_s``. Then an id is gone when a walk that began after the id was first asked for does
+    not find it. Paths of gone ids are remembered (bounded) so their last labels stay known.
+    """
+
+    GONE_MEMORY = 8192
+
+    def __init__(self, root: Path, min_rescan_s: float = 0.5, max_age_s: float = 30.0) -> None:
         self.root = root
         self.min_rescan_s = min_rescan_s
+        self.max_age_s = max_age_s
+        self._prefix = os.path.realpath(root)
         self._paths: dict[int, str] = {}
+        self._gone: dict[int, str | None] = {}  # insertion-ordered: oldest evicted first
+        self._asked: dict[int, float] = {}  # walk mode: when an unknown id was first asked for
         self._scanned_at = float("-inf")
-        self._lock = threading.Lock()
+        self._scan_started = float("-inf")
+        self._lock = threading.RLock()
+        self._mount_fd: int | None = None
+        self.by_handle = self._probe_by_handle()
 
+    # --- open_by_handle_at ----------------------------------------------------------------
+    def _probe_by_handle(self) -> bool:
+        try:
+            self._mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            root_id = os.fstat(self._mount_fd).st_ino
+        except OSError:
+            return False
+        ok = self._open_by_id(root_id) == "/"
+        if not ok:
+            os.close(self._mount_fd)
+            self._mount_fd = None
+        return ok
+
+    def _open_by_id(self, cgroup_id: int) -> str | OSError | None:
+        """Path of a live id; None if gone (ESTALE/ENOENT); the OSError for anything else."""
+        handle = ctypes.create_string_buffer(struct.pack("<IiQ", 8, FILEID_KERNFS, cgroup_id))
+        fd = _libc.open_by_handle_at(self._mount_fd, handle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            return None if err in (errno.ESTALE, errno.ENOENT) else OSError(err, os.strerror(err))
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            return e
+        finally:
+            os.close(fd)
+        if target.endswith(" (deleted)"):
+            return None
+        if target == self._prefix:
+            return "/"
+        if not target.startswith(self._prefix + "/"):
+            return OSError(errno.EXDEV, f"{target} is outside {self._prefix}")
+        return target[len(self._prefix) :]
+
+    # --- walking --------------------------------------------------------------------------
     def _walk(self) -> dict[int, str]:
         # scandir's d_ino is the kernfs id for cgroupfs, so no stat() per directory is needed.
         found: dict[int, str] = {}
@@ -129,32 +195,93 @@ class CgroupIdIndex:
         return found
 
     def rescan(self) -> None:
+        started = time.monotonic()
         paths = self._walk()
         with self._lock:
+            for cgroup_id, path in self._paths.items():
+                if cgroup_id not in paths:
+                    self._remember_gone(cgroup_id, path)
             self._paths = paths
-            self._scanned_at = time.monotonic()
+            self._scan_started, self._scanned_at = started, time.monotonic()
 
-    def path_of(self, cgroup_id: int) -> str | None:
+    def _remember_gone(self, cgroup_id: int, path: str | None) -> None:
+        self._gone[cgroup_id] = path
+        self._asked.pop(cgroup_id, None)
+        while len(self._gone) > self.GONE_MEMORY:
+            self._gone.pop(next(iter(self._gone)))
+
+    def _lookup_walking(self, cgroup_id: int) -> tuple[str | None, bool]:
+        now = time.monotonic()
         path = self._paths.get(cgroup_id)
-        if path is None and time.monotonic() - self._scanned_at >= self.min_rescan_s:
+        stale = now - self._scanned_at >= self.max_age_s
+        if stale or (path is None and cgroup_id not in self._gone and now - self._scanned_at >= self.min_rescan_s):
+            self._asked.setdefault(cgroup_id, now)
             self.rescan()
             path = self._paths.get(cgroup_id)
-        return path
+        if path is not None:
+            self._asked.pop(cgroup_id, None)
+            return path, False
+        if cgroup_id in self._gone:
+            return self._gone[cgroup_id], True
+        asked = self._asked.setdefault(cgroup_id, now)
+        if asked < self._scan_started:  # a whole walk since it was asked for did not find it
+            self._remember_gone(cgroup_id, None)
+            return None, True
+        return None, False
+
+    # --- the lookup -----------------------------------------------------------------------
+    def lookup(self, cgroup_id: int) -> tuple[str | None, bool]:
+        """(path or last known path or None, gone for certain)."""
+        with self._lock:
+            if cgroup_id in self._gone:
+                return self._gone[cgroup_id], True
+            if not self.by_handle:
+                return self._lookup_walking(cgroup_id)
+            found = self._open_by_id(cgroup_id)
+            if isinstance(found, OSError):
+                log.warning("cgroup id lookups by handle failed (%s); walking %s instead", found, self.root)
+                self.by_handle = False
+                return self._lookup_walking(cgroup_id)
+            if found is None:
+                self._remember_gone(cgroup_id, self._paths.pop(cgroup_id, None))
+                return self._gone[cgroup_id], True
+            self._paths[cgroup_id] = found
+            return found, False
+
+    def path_of(self, cgroup_id: int) -> str | None:
+        path, gone = self.lookup(cgroup_id)
+        return None if gone else path
 
 
 class Workloads(CgroupLabeler):
-    """The identity service: labels for cgroup ids (BPF) and cgroup paths (cgroupfs collectors)."""
+    """The identity service: labels for cgroup ids (BPF) and cgroup paths (cgroupfs collectors).
+
+    ``hierarchy_root`` is the hierarchy the probes charge (``--cgroup-hierarchy``): cgroup v2, or the
+    v1 ``cpu`` controller on hosts whose pods live only in v1 controllers. Labels are computed once
+    per path and recomputed when the pod-name source's ``version`` changes.
+    """
 
     label_names = WORKLOAD_LABELS
 
-    def __init__(self, cgroup_v2_root: Path | None, pod_names: PodNames | None = None) -> None:
-        self.index = CgroupIdIndex(cgroup_v2_root) if cgroup_v2_root is not None else None
+    def __init__(self, hierarchy_root: Path | None, pod_names: PodNames | None = None) -> None:
+        self.index = CgroupIdIndex(hierarchy_root) if hierarchy_root is not None else None
         self.pod_names = pod_names
+        self._labels: dict[str, tuple[str, str, str, str]] = {}
+        self._labels_version = -1
 
     def identity(self, path: str) -> CgroupIdentity:
         return parse_cgroup_path(path)
 
     def labels_for_path(self, path: str) -> tuple[str, str, str, str]:
+        version = self.pod_names.version if self.pod_names else 0
+        if version != self._labels_version or len(self._labels) > 65536:
+            self._labels, self._labels_version = {}, version
+        labels = self._labels.get(path)
+        if labels is None:
+            labels = self._labels[path] = self._compute_labels(path)
+        return labels
+
+    def _compute_labels(self, path: str) -> tuple[str, str, str, str]:
         ident = parse_cgroup_path(path)
         if not ident.is_pod:
             return ("", "", "", host_cgroup_label(ident.path))
@@ -163,8 +290,13 @@ class Workloads(CgroupLabeler):
             return ("", "", "", ident.path)
         return (*names, "")
 
-    def labels_for_cgroup_id(self, cgroup_id: int) -> CgroupLabels:
+    def resolve(self, cgroup_id: int) -> Lookup:
         if self.index is None:
-            return None
-        path = self.index.path_of(cgroup_id)
-        return None if path is None else self.labels_for_path(path)
+            return Lookup(None)
+        path, gone = self.index.lookup(cgroup_id)
+        return Lookup(None if path is None else self.labels_for_path(path), gone)
+
+    def labels_for_cgroup_id(self, cgroup_id: int) -> tuple[str, str, str, str] | None:
+        """Labels of a live cgroup id, None if unknown or gone."""
+        found = self.resolve(cgroup_id)
+        return None if found.gone else found.labels  # type: ignore[return-value]

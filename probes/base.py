@@ -3,12 +3,17 @@
 A probe declares its attach strategies in order of preference (cheapest first). ``load()`` takes
 the first one this kernel supports: a strategy is skipped when a static check says it cannot work
 here (no BTF, no tracefs, ...) and otherwise tried for real, since only the kernel knows (fentry
-programs, for instance, are refused with EPERM on kernels that look able to run them). The probe
-records the strategy chosen and the reason every other one was passed over; a probe with no
-working strategy raises ``ProbeUnavailable`` with all those reasons.
+programs, for instance, are refused with EPERM on kernels that look able to run them). Every
+failure while trying a strategy (BTF errors included) passes to the next one; the probe records
+the strategy chosen and the reason every other one was passed over, and raises
+``ProbeUnavailable`` with all those reasons when none works.
 
-Probes read their maps only when ``collect()`` is called (at scrape time) and never import the
-agent: workload labels come in through the ``CgroupLabeler`` the agent hands them.
+A probe also declares its settings (``probes.settings``), its event-loss reasons (counted in the
+``probe_stats`` map of ``common.bpf.h``, exported as ``nodetune_probe_events_lost_total``) and its
+per-workload row sets (``probes.rows``). The program text is ``common.bpf.h`` + the row sets' C +
+the probe's own ``.bpf.c``. Probes read their maps only when ``collect()`` is called (at scrape
+time), do their housekeeping in ``maintain()`` (the agent's timer), and never import the agent:
+workload labels come in through the ``CgroupLabeler`` the agent hands them.
 """
 
 from __future__ import annotations
@@ -24,24 +29,38 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from probes import histogram
 from probes.btf import BTF, BTFError
 from probes.headers import HeadersNotFound, KernelHeaders, find_headers
+from probes.rows import Rows, RowSet, WorkloadRows
+from probes.series import Labels, Lookup
+from probes.settings import Setting, SettingError
 
 log = logging.getLogger(__name__)
 
-# Label values for one cgroup id, in the order of CgroupLabeler.label_names; None = cgroup is gone.
-CgroupLabels = tuple[str, ...] | None
+UNIFIED, CPU_V1 = "unified", "cpu"  # workload hierarchies: cgroup v2, or the v1 "cpu" controller
 
 
 class CgroupLabeler(abc.ABC):
-    """Maps a cgroup v2 id (as returned by bpf_get_current_cgroup_id) to workload labels."""
+    """Maps a workload (cgroup) id, as the probes read it in the kernel, to workload labels."""
 
     label_names: tuple[str, ...]
 
     @abc.abstractmethod
-    def labels_for_cgroup_id(self, cgroup_id: int) -> CgroupLabels: ...
+    def resolve(self, cgroup_id: int) -> Lookup:
+        """Labels of ``cgroup_id`` (None while unknown) and whether the cgroup is gone for certain."""
+
+
+class IdLabeler(CgroupLabeler):
+    """Labels = the id itself; never gone. For tools and benchmarks that run without the agent."""
+
+    label_names = ("cgroup_id",)
+
+    def resolve(self, cgroup_id: int) -> Lookup:
+        return Lookup((str(cgroup_id),))
 
 
 class ProbeUnavailable(Exception):
@@ -62,6 +81,8 @@ class KernelFacts:
     sys_root: Path = Path("/sys")
     proc_root: Path = Path("/proc")
     cache_dir: Path = Path("/var/cache/nodetune")
+    workload_hierarchy: str = UNIFIED
+    """Which cgroup a task is charged to: its cgroup v2 one, or (``cpu``) its v1 cpu controller's."""
 
     def describe_headers(self) -> str:
         headers = self.headers
@@ -72,8 +93,13 @@ class KernelFacts:
         try:
             return BTF.from_file(self.btf_path)
         except BTFError as e:
-            log.info("no kernel BTF: %s", e)
+            log.info("no usable kernel BTF: %s", e)
             return None
+
+    @cached_property
+    def task_btf(self) -> bool:
+        """bpf_get_current_task_btf() exists (its implementation is a kernel function since 5.11)."""
+        return bool(self.btf and self.btf.has_function("bpf_get_current_task_btf"))
 
     @cached_property
     def headers(self) -> KernelHeaders | HeadersNotFound:
@@ -82,6 +108,32 @@ class KernelFacts:
         except (HeadersNotFound, OSError) as e:
             return e if isinstance(e, HeadersNotFound) else HeadersNotFound(str(e))
 
+    def workload_cflags(self) -> list[str]:
+        """Macros for ``workload_id()`` in common.bpf.h; raises BTFError when the hierarchy needs
+        offsets this kernel's BTF cannot give."""
+        if self.workload_hierarchy == UNIFIED:
+            return []
+        if self.workload_hierarchy != CPU_V1:
+            raise ValueError(f"unknown workload hierarchy {self.workload_hierarchy!r}")
+        btf = self.btf
+        if btf is None:
+            raise BTFError(f"the v1 cpu hierarchy needs kernel BTF ({self.btf_path}) for task->cgroups offsets")
+        subsys = btf.member("css_set", "subsys")
+        cpu_id = btf.enum_value("cgroup_subsys_id", "cpu_cgrp_id")
+        if (cpu_id + 1) * 8 > subsys.size:
+            raise BTFError(f"cpu_cgrp_id {cpu_id} outside css_set.subsys ({subsys.size} bytes)")
+        kn_id = btf.member("kernfs_node", "id")
+        if kn_id.size != 8:
+            raise BTFError("kernfs_node.id is not a u64 (kernel < 5.5): v1 cgroup ids are not inode numbers")
+        return [
+            "-DWORKLOAD_V1_CPU",
+            f"-DTASK_CGROUPS_OFF={btf.member('task_struct', 'cgroups').offset}",
+            f"-DCSS_SET_CPU_OFF={subsys.offset + 8 * cpu_id}",
+            f"-DCSS_CGROUP_OFF={btf.member('cgroup_subsys_state', 'cgroup').offset}",
+            f"-DCGROUP_KN_OFF={btf.member('cgroup', 'kn').offset}",
+            f"-DKN_ID_OFF={kn_id.offset}",
+        ]
+
 
 class Probe(abc.ABC):
     """One BPF program set with its maps; see module docstring for the lifecycle."""
@@ -89,28 +141,71 @@ class Probe(abc.ABC):
     name: str = ""
     strategies: tuple[str, ...] = ()  # attach strategies, most preferred first
     source_file: str = ""  # C source shipped as package data next to this module
+    settings: tuple[Setting, ...] = ()  # --<name>-<setting> flags, passed to __init__ as keywords
+    stat_reasons: tuple[str, ...] = ()  # event-loss reasons: STAT_<REASON> in the C
 
     def __init__(
         self,
         kernel: KernelFacts,
         labeler: CgroupLabeler | None = None,
         only_strategies: Sequence[str] | None = None,
+        series_grace_s: float = 300.0,
+        **settings: int,
     ) -> None:
         self.kernel = kernel
-        self.labeler = labeler
+        self.labeler = labeler or IdLabeler()
         self.only_strategies = tuple(only_strategies) if only_strategies else None
+        self.series_grace_s = series_grace_s
+        self.config = self.validate_settings(settings)
         self.attach: str | None = None  # strategy in use once loaded
         self.skipped: dict[str, str] = {}  # strategy -> why it was not used
+        self.workload_rows: dict[str, WorkloadRows] = {}
         self._bpf: Any = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def validate_settings(cls, values: dict[str, int]) -> dict[str, int]:
+        """All settings of this probe (defaults filled in), validated; raises SettingError."""
+        known = {s.name: s for s in cls.settings}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise SettingError(f"probe {cls.name}: unknown settings {sorted(unknown)}")
+        return {n: s.validate(cls.name, values.get(n, s.default)) for n, s in known.items()}
 
     # --- pure parts -----------------------------------------------------------------------
     def source(self) -> str:
         return resources.files("probes").joinpath(self.source_file).read_text()
 
+    def row_sets(self) -> tuple[RowSet, ...]:
+        """Per-workload row tables this probe aggregates into (probes/rows.py)."""
+        return ()
+
+    def all_stat_reasons(self) -> tuple[str, ...]:
+        reasons = ("cgroup_map_full",) if self.row_sets() else ()
+        return tuple(dict.fromkeys((*reasons, *self.stat_reasons)))
+
     @abc.abstractmethod
+    def cflags(self, strategy: str) -> list[str]:
+        """The probe's own macros for ``strategy``; raise (ValueError, BTFError) if impossible."""
+
     def render(self, strategy: str | None = None) -> tuple[str, list[str]]:
-        """C text and cflags for ``strategy`` (default: the most preferred). Pure."""
+        """C text and cflags for ``strategy`` (default: the most preferred). Pure but for BTF reads."""
+        strategy = strategy or self.strategies[0]
+        reasons = self.all_stat_reasons()
+        common = resources.files("probes").joinpath("common.bpf.h").read_text()
+        text = "\n".join([common, *(rs.c_source() for rs in self.row_sets()), self.source()])
+        flags = [
+            *histogram.cflags(),
+            f"-DNSTATS={max(len(reasons), 1)}",
+            *(f"-DSTAT_{r.upper()}={i}" for i, r in enumerate(reasons)),
+            *self.kernel.workload_cflags(),
+            *(["-DTASK_BTF"] if self.uses_task_btf() else []),
+            *self.cflags(strategy),
+        ]
+        return text, flags
+
+    def uses_task_btf(self) -> bool:
+        return self.kernel.task_btf
 
     def unsupported(self, strategy: str) -> str | None:
         """Why ``strategy`` cannot work here without trying it, or None if worth a try."""
@@ -136,30 +231,37 @@ class Probe(abc.ABC):
         except ImportError as e:
             raise ProbeUnavailable(f"BCC python module not importable: {e}") from e
         for strategy in self._candidates():
-            reason = self.unsupported(strategy)
-            if reason is None:
-                try:
+            try:
+                reason = self.unsupported(strategy)
+                if reason is None:
                     text, cflags = self.render(strategy)
                     self._before_load(strategy)
                     self._bpf = BPF(text=text.encode(), cflags=cflags)
+                    self._attach_rows()
                     self._after_load(strategy)
                     self.attach = strategy
                     log.info("probe %s attached via %s", self.name, strategy)
                     return
-                except Exception as e:  # BCC raises bare Exception for compile/load/attach errors
-                    reason = f"{type(e).__name__}: {e}".strip()
-                    self._close_bpf()
-                    self._after_close(strategy)
+            except Exception as e:  # BCC raises bare Exception for compile/load/attach errors
+                reason = f"{type(e).__name__}: {e}".strip()
+                self._close_bpf()
+                self._after_close(strategy)
             self.skipped[strategy] = reason
             log.debug("probe %s: strategy %s not used: %s", self.name, strategy, reason)
         tried = "; ".join(f"{s}: {r}" for s, r in self.skipped.items()) or "no strategy selected"
         raise ProbeUnavailable(tried)
 
+    def _attach_rows(self) -> None:
+        self.workload_rows = {
+            rs.name: WorkloadRows(Rows(rs, self.table), self.labeler.resolve, self.series_grace_s)
+            for rs in self.row_sets()
+        }
+
     def _before_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: prepare the host for ``strategy`` (e.g. make tracefs visible)."""
 
     def _after_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
-        """Hook: work needed once the program is attached (e.g. sizing tables)."""
+        """Hook: work needed once the program is attached."""
 
     def _after_close(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: undo ``_before_load``."""
@@ -169,11 +271,46 @@ class Probe(abc.ABC):
             raise RuntimeError(f"probe {self.name} is not loaded")
         return self._bpf[name.encode()]
 
-    @abc.abstractmethod
+    # --- scrape and timer -----------------------------------------------------------------
+    def maintain(self) -> None:
+        """Agent timer: reclaim rows of vanished cgroups, follow label changes. Never on a scrape."""
+        with self._lock:
+            if self._bpf is None:
+                return
+            for rows in self.workload_rows.values():
+                rows.maintain()
+
+    def read_stats(self) -> dict[str, int]:
+        table = self.table("probe_stats")
+        return {reason: sum(table[table.Key(i)]) for i, reason in enumerate(self.all_stat_reasons())}
+
+    def series(self, rows: str) -> dict[Labels, list[int]]:
+        """Label set -> monotonic counters of one row set (scrape time)."""
+        return self.workload_rows[rows].collect()
+
+    def lost_family(self) -> Metric:
+        lost = CounterMetricFamily(
+            "nodetune_probe_events_lost",
+            "Events a probe could not account, by reason (bounded maps full, unknown owner).",
+            labels=["probe", "reason"],
+        )
+        for reason, value in self.read_stats().items():
+            lost.add_metric([self.name, reason], value)
+        return lost
+
     def collect(self) -> Iterable[Metric]:
-        """Metrics from the maps; called at scrape time only."""
+        """Metrics from the maps; called at scrape time only. Reads, never changes state."""
+        with self._lock:
+            if self._bpf is None:
+                return []
+            return [*self.collect_loaded(), self.lost_family()]
+
+    @abc.abstractmethod
+    def collect_loaded(self) -> Iterable[Metric]:
+        """The probe's own families (called with the probe loaded and locked)."""
 
     def _close_bpf(self) -> None:
+        self.workload_rows = {}
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()

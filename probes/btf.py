@@ -49,6 +49,14 @@ class BTF:
     """Parsed type index of one BTF blob (types are decoded lazily by id)."""
 
     def __init__(self, data: bytes) -> None:
+        try:
+            self._parse(data)
+        except BTFError:
+            raise
+        except (struct.error, IndexError, ValueError) as e:  # truncated or garbled blob
+            raise BTFError(f"malformed BTF: {type(e).__name__}: {e}") from e
+
+    def _parse(self, data: bytes) -> None:
         if len(data) < 24:
             raise BTFError("BTF blob too short")
         magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
@@ -62,12 +70,16 @@ class BTF:
         self._pos: list[int] = [0]  # type id -> record offset; id 0 is void
         pos = self._types_start
         unpack = struct.unpack_from
+        if self._types_end > len(data) or hdr_len + str_off + str_len > len(data):
+            raise BTFError(f"BTF sections run past the blob's end ({len(data)} bytes)")
         while pos < self._types_end:
             self._pos.append(pos)
             info = unpack("<I", data, pos + 4)[0]
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
             pos += 12 + _FIXED_EXTRA.get(kind, 0) + vlen * _PER_MEMBER_EXTRA.get(kind, 0)
+        if pos != self._types_end:
+            raise BTFError("BTF type section does not end on a record boundary")
 
     @classmethod
     def from_file(cls, path: str | Path = "/sys/kernel/btf/vmlinux") -> BTF:
@@ -145,7 +157,10 @@ class BTF:
         raise BTFError(f"type chain too long at id {type_id}")
 
     def member(self, struct_name: str, member: str) -> Member:
-        """Offset and size of ``struct_name.member``; raises BTFError if absent."""
+        """Offset and size of ``struct_name.member``; raises BTFError if absent or malformed."""
+        return _guarded(self._member, struct_name, member)
+
+    def _member(self, struct_name: str, member: str) -> Member:
         type_id = self._find(struct_name, {KIND_STRUCT})
         for name, bits, mtype in self._members(type_id):
             if name == member:
@@ -157,7 +172,35 @@ class BTF:
     def has_function(self, name: str) -> bool:
         """Whether the kernel has a function of this name (BTF FUNC record)."""
         try:
-            self._find(name, {KIND_FUNC})
+            _guarded(self._find, name, {KIND_FUNC})
         except BTFError:
             return False
         return True
+
+    def enum_value(self, enum_name: str, name: str) -> int:
+        """Value of enumerator ``name`` of ``enum enum_name`` (e.g. cgroup_subsys_id.cpu_cgrp_id)."""
+        return _guarded(self._enum_value, enum_name, name)
+
+    def _enum_value(self, enum_name: str, name: str) -> int:
+        type_id = self._find(enum_name, {KIND_ENUM, KIND_ENUM64})
+        _, kind, vlen, kind_flag, _ = self._record(type_id)
+        pos = self._pos[type_id] + 12
+        for i in range(vlen):
+            if kind == KIND_ENUM:
+                name_off, value = struct.unpack_from("<Ii" if kind_flag else "<II", self._data, pos + 8 * i)
+            else:
+                name_off, lo, hi = struct.unpack_from("<III", self._data, pos + 12 * i)
+                value = hi << 32 | lo
+            if self._string(name_off) == name:
+                return value
+        raise BTFError(f"enum {enum_name} has no enumerator {name!r}")
+
+
+def _guarded(fn, *args):
+    """Run a lookup; a malformed blob surfaces as BTFError, never IndexError/struct.error."""
+    try:
+        return fn(*args)
+    except BTFError:
+        raise
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BTFError(f"malformed BTF: {type(e).__name__}: {e}") from e

@@ -1,17 +1,36 @@
-"""Kernel log2 histogram slots -> Prometheus cumulative buckets.
+"""Latency histogram layout shared by every probe: kernel slots -> Prometheus cumulative buckets.
 
-The BPF side computes ``slot = bpf_log2l(latency_ns / 1000)``: slot 0 holds latencies under
-1 µs and slot s (s >= 1) holds [2^(s-1), 2^s) µs. Slot s therefore maps one-to-one onto the
-Prometheus bucket ``le = 2^s µs`` (the contract: power-of-two bounds in seconds from 1 µs,
-at most 24 buckets). The last slot is open-ended and becomes ``+Inf``.
+Defined once here and passed to the C as ``-DNSLOTS`` (``cflags()``); the slot function itself is
+``latency_slot()`` in ``common.bpf.h`` and :func:`slot_of` is its reference, which the tests run
+against the compiled C on boundary values (``BPF_PROG_TEST_RUN``).
+
+Slot s < NSLOTS-1 counts durations d with ``2^(s-1) µs < d <= 2^s µs`` (slot 0: ``d <= 1 µs``,
+zero included), so slot s maps one-to-one onto the bucket ``le = 2^s µs`` and a duration is in
+every bucket whose ``le`` is at least the duration (Prometheus' ``le`` is inclusive). The last slot
+counts what is above ``2^(NSLOTS-2) µs`` (4.19 s) and becomes ``+Inf``. A histogram row in a
+BPF map is NSLOTS counts followed by the sum of the durations in ns (``ROW_WORDS`` u64 words).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-NSLOTS = 24  # keep equal to NSLOTS in the .bpf.c files: 23 finite bounds (1 µs .. 4.19 s) + Inf
-BUCKET_BOUNDS = tuple(1e-6 * 2**s for s in range(NSLOTS - 1))
+NSLOTS = 24  # 23 finite bounds (1 µs .. 4.19 s) + Inf: the contract's "at most 24 buckets"
+ROW_WORDS = NSLOTS + 1  # slot counts, then the sum in ns
+BUCKET_BOUNDS = tuple(2**s / 1e6 for s in range(NSLOTS - 1))  # seconds
+BUCKET_LE = (*(repr(b) for b in BUCKET_BOUNDS), "+Inf")
+
+
+def slot_of(ns: int) -> int:
+    """The slot a duration of ``ns`` nanoseconds is counted in (reference for ``latency_slot``)."""
+    us = -(-ns // 1000)  # ceil
+    if us <= 1:
+        return 0
+    return min((us - 1).bit_length(), NSLOTS - 1)
+
+
+def cflags() -> list[str]:
+    return [f"-DNSLOTS={NSLOTS}"]
 
 
 def cumulative_buckets(slots: Sequence[int]) -> list[tuple[str, int]]:
@@ -20,8 +39,7 @@ def cumulative_buckets(slots: Sequence[int]) -> list[tuple[str, int]]:
         raise ValueError(f"expected {NSLOTS} slots, got {len(slots)}")
     out: list[tuple[str, int]] = []
     total = 0
-    for bound, count in zip(BUCKET_BOUNDS, slots[:-1], strict=True):
+    for le, count in zip(BUCKET_LE, slots, strict=True):
         total += count
-        out.append((repr(bound), total))
-    out.append(("+Inf", total + slots[-1]))
+        out.append((le, total))
     return out

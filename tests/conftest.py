@@ -59,13 +59,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 # --- cgroups and processes ----------------------------------------------------------------------
 class TestCgroup:
-    """A cgroup v2 directory made for one test; processes spawned into it are ended by pid."""
+    """A cgroup directory made for one test (v2, or a v1 controller); processes spawned into it are
+    ended by pid. ``child()`` makes nested ones, removed before their parent."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, rel_parent: str = "") -> None:
         self.path = root / name
         self.path.mkdir()
-        self.rel = "/" + name
+        self.rel = f"{rel_parent}/{name}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.children: list[TestCgroup] = []
+
+    def child(self, name: str) -> TestCgroup:
+        cg = TestCgroup(self.path, name, self.rel)
+        self.children.append(cg)
+        return cg
 
     @property
     def id(self) -> int:
@@ -96,7 +103,12 @@ class TestCgroup:
         self.procs.clear()
 
     def remove(self) -> None:
+        for child in self.children:
+            child.remove()
+        self.children.clear()
         self.stop()
+        if not self.path.exists():
+            return
         for _ in range(50):
             try:
                 self.path.rmdir()
@@ -120,14 +132,20 @@ def cgroup_v2_root() -> Path:
 def make_cgroup(cgroup_v2_root: Path) -> Iterator[callable]:
     made: list[TestCgroup] = []
 
-    def make(label: str) -> TestCgroup:
-        cg = TestCgroup(cgroup_v2_root, f"nodetune-test-{label}-{uuid.uuid4().hex[:8]}")
+    def make(label: str, root: Path | None = None) -> TestCgroup:
+        cg = TestCgroup(root or cgroup_v2_root, f"nodetune-test-{label}-{uuid.uuid4().hex[:8]}")
         made.append(cg)
         return cg
 
     yield make
     for cg in made:
         cg.remove()
+
+
+@pytest.fixture(scope="session")
+def header_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' own cache of merged kernel headers (never /var/cache/nodetune), shared by the session."""
+    return tmp_path_factory.mktemp("cache")
 
 
 BUSY = ["/bin/sh", "-c", "while :; do :; done"]
@@ -178,12 +196,13 @@ class AgentProcess:
 
 
 @pytest.fixture
-def agent_process(tmp_path: Path) -> Iterator[callable]:
+def agent_process(tmp_path: Path, header_cache: Path) -> Iterator[callable]:
     started: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> AgentProcess:
         port = free_port()
-        cmd = [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{port}", *args]
+        cache = ["--cache-dir", str(header_cache)] if "--cache-dir" not in args else []
+        cmd = [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{port}", *cache, *args]
         with open(tmp_path / "agent.log", "w") as log_file:  # the child keeps its own descriptor
             proc = subprocess.Popen(cmd, cwd=REPO, stderr=log_file, text=True)
         started.append(proc)

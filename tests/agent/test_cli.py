@@ -41,8 +41,11 @@ def test_probes() -> None:
     [
         {"log_level": "loud"},
         {"max_concurrent_scrapes": 0},
-        {"runqlat_max_cgroups": 0},
-        {"runqlat_max_pid_slots": 3000},
+        {"probe_settings": {"runqlat": {"max_cgroups": 0}}},
+        {"probe_settings": {"runqlat": {"max_pid_slots": 3000}}},
+        {"probe_settings": {"nosuchprobe": {}}},
+        {"cgroup_hierarchy": "v3"},
+        {"workload_series_grace_s": -1},
         {"host_root": Path("/nonexistent")},
     ],
 )
@@ -57,6 +60,9 @@ def test_bad_settings(kwargs: dict) -> None:
         ["run", "--listen", "nope"],
         ["run", "--probes", "bogus"],
         ["run", "--log-level", "loud"],
+        ["run", "--runqlat-max-cgroups", "0"],
+        ["run", "--runqlat-max-pid-slots", "1000"],
+        ["run", "--cgroup-hierarchy", "v3"],
         ["probes", "--probes", "bogus"],
     ],
 )
@@ -68,9 +74,13 @@ def test_bad_flags_exit_2_and_touch_nothing(argv: list[str], tmp_path: Path, cap
 
 
 @pytest.mark.bpf
-def test_probes_command_reports_strategy_and_headers(tmp_path: Path) -> None:
+def test_probes_command_reports_strategy_and_headers(header_cache: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "probes", "--json"], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "agent.cli", "probes", "--json", "--cache-dir", str(header_cache)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(out.stdout)
     assert report["headers"].split()[0] in ("host", "kheaders", "distribution")
@@ -78,10 +88,25 @@ def test_probes_command_reports_strategy_and_headers(tmp_path: Path) -> None:
     assert runqlat["loadable"] and runqlat["attach"] == "raw_tracepoint"
 
 
-def test_hidden_print_c_shows_the_generated_program() -> None:
+@pytest.mark.root  # reads /sys/kernel/btf/vmlinux for the offsets in the cflags
+def test_hidden_print_c_shows_the_generated_program(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "probes", "--print-c", "runqlat"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "agent.cli", "probes", "--print-c", "runqlat", "--runqlat-max-cgroups", "77"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
-    if out.returncode != 0:
-        pytest.skip(out.stderr)  # needs readable BTF
-    assert out.stdout.startswith("// cflags: -DPID_SLOTS=") and "RAW_TRACEPOINT_PROBE(sched_switch)" in out.stdout
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("// cflags: -DNSLOTS=24 ") and "-DSCHED_INFO_OFF=" in out.stdout
+    assert "RAW_TRACEPOINT_PROBE(sched_switch)" in out.stdout
+    assert "BPF_PERCPU_ARRAY(runqueue_latency_seconds, struct runqueue_latency_seconds_row, 77)" in out.stdout
+
+
+def test_every_probe_setting_has_a_flag() -> None:
+    from agent.cli import build_parser
+    from probes import PROBES
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
+    for name, cls in PROBES.items():
+        for setting in cls.settings:
+            assert setting.flag(name) in help_text

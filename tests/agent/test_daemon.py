@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,7 +83,8 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
     }
     assert [s.value for s in after["nodetune_probe_up"] if s.labels["probe"] == "runqlat"] == [1.0]
     assert [s.labels["attach"] for s in after["nodetune_probe_info"]] == ["raw_tracepoint"]
-    assert [s.value for s in after["nodetune_scrape_collector_success"]] == [1.0]
+    success = {s.labels["collector"]: s.value for s in after["nodetune_scrape_collector_success"]}
+    assert success == {"agent": 1.0, "runqlat": 1.0}
 
 
 @pytest.mark.bpf
@@ -116,11 +119,28 @@ class BrokenProbe(Probe):
     name = "broken"
     strategies = ("raw_tracepoint",)
 
-    def render(self, strategy: str | None = None) -> tuple[str, list[str]]:
-        return "RAW_TRACEPOINT_PROBE(nodetune_no_such_tracepoint) { return 0; }", []
+    def source(self) -> str:
+        return "RAW_TRACEPOINT_PROBE(nodetune_no_such_tracepoint) { return 0; }"
 
-    def collect(self):
+    def cflags(self, strategy: str) -> list[str]:
         return []
+
+    def collect_loaded(self):
+        return []
+
+
+class SlowProbe(BrokenProbe):
+    """Takes its time to load, like a first-run header merge plus compile."""
+
+    name = "slow"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+
+    def load(self) -> None:
+        self.release.wait(30)
+        super().load()
 
 
 class RaisingCollector:
@@ -129,8 +149,8 @@ class RaisingCollector:
 
 
 @pytest.mark.bpf
-def test_probe_that_fails_to_load_leaves_the_agent_serving(tmp_path: Path) -> None:
-    config = AgentConfig(listen_host="127.0.0.1", listen_port=free_port(), cache_dir=Path("/var/cache/nodetune"))
+def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -> None:
+    config = AgentConfig(listen_host="127.0.0.1", listen_port=free_port(), cache_dir=header_cache)
     agent = Agent(config, extra_probes=[BrokenProbe(KernelFacts(cache_dir=config.cache_dir))])
     agent.exporter.register("raising", RaisingCollector())
     try:
@@ -147,5 +167,54 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(tmp_path: Path) -> No
     assert up == {"runqlat": 1.0, "broken": 0.0}
     assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {"runqlat": 1.0, "raising": 0.0}
+    assert success == {"agent": 1.0, "runqlat": 1.0, "raising": 0.0}
     assert HIST in m
+
+
+@pytest.mark.bpf
+def test_health_beats_while_a_slow_probe_loads(header_cache: Path) -> None:
+    config = AgentConfig(
+        listen_host="127.0.0.1", listen_port=free_port(), cache_dir=header_cache, health_timeout_s=1.0, probes=()
+    )
+    slow = SlowProbe(KernelFacts(cache_dir=header_cache))
+    agent = Agent(config, extra_probes=[slow])
+    url = f"http://127.0.0.1:{config.listen_port}"
+    loop = threading.Thread(target=agent.run_forever, kwargs={"tick_s": 0.1}, daemon=True)
+    try:
+        agent.start_server()
+        agent.start_loading()
+        loop.start()
+        for _ in range(15):  # 3 s, three times the health timeout, while loading
+            time.sleep(0.2)
+            assert http_get(url + "/healthz")[0] == 200
+            assert http_get(url + "/readyz")[0] == 503
+            status, body = http_get(url + "/metrics")  # a scrape while loading never fails
+            assert status == 200 and "nodetune_build_info" in body
+        slow.release.set()
+        deadline = time.monotonic() + 30
+        while http_get(url + "/readyz")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        slow.release.set()
+        agent.stop_event.set()
+        loop.join(5)
+        agent.close()
+    assert agent.probes["slow"].reason
+
+
+@pytest.mark.bpf
+def test_scrapes_have_no_side_effects(agent_process, make_cgroup) -> None:
+    """Two scrapers (an HA Prometheus pair) and HEAD requests see the same data; reclaim is the timer's."""
+    cg = make_cgroup("twice")
+    agent = agent_process()
+    cg.spawn(SLEEPER)
+    time.sleep(1)
+    cg.stop()
+    time.sleep(0.2)  # nothing runs in the cgroup any more: its histogram is frozen
+    first = series(agent.metrics(), cg.rel)
+    for _ in range(5):
+        req = urllib.request.Request(agent.url + "/metrics", method="HEAD")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    assert series(agent.metrics(), cg.rel) == series(agent.metrics(), cg.rel) == first

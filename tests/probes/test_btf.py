@@ -111,3 +111,41 @@ def test_running_kernel() -> None:
     assert btf.member("task_struct", "tgid").offset == pid.offset + 4  # declared right after pid
     assert btf.member("task_struct", "sched_info").size >= 16
     assert btf.has_function("schedule")
+
+
+@pytest.mark.parametrize("cut", [0, 10, 24, 1000, -5])
+def test_truncated_blob_is_a_btf_error(tmp_path: Path, cut: int) -> None:
+    data = Path("/sys/kernel/btf/vmlinux").read_bytes() if Path("/sys/kernel/btf/vmlinux").exists() else None
+    if data is None:
+        pytest.skip("no kernel BTF")
+    with pytest.raises(BTFError):
+        BTF(data[:cut])
+
+
+def test_garbled_records_are_a_btf_error_on_lookup_too() -> None:
+    path = Path("/sys/kernel/btf/vmlinux")
+    if not path.exists():
+        pytest.skip("no kernel BTF")
+    data = bytearray(path.read_bytes())
+    hdr_len = int.from_bytes(data[4:8], "little")
+    type_off = int.from_bytes(data[8:12], "little")
+    for i in range(hdr_len + type_off + 200, hdr_len + type_off + 4000, 7):
+        data[i] = 0xFF  # vlen / kind / offsets of early records turn to garbage
+    try:
+        btf = BTF(bytes(data))
+    except BTFError:
+        return  # rejected while parsing: fine
+    with pytest.raises(BTFError):
+        btf.member("task_struct", "sched_info")
+        btf.enum_value("cgroup_subsys_id", "cpu_cgrp_id")
+
+
+def test_enum_value_of_the_running_kernel() -> None:
+    path = Path("/sys/kernel/btf/vmlinux")
+    if not path.exists():
+        pytest.skip("no kernel BTF")
+    btf = BTF.from_file(path)
+    order = [line.split()[0] for line in Path("/proc/cgroups").read_text().splitlines()[1:]]
+    assert btf.enum_value("cgroup_subsys_id", "cpu_cgrp_id") == order.index("cpu")  # same order as the kernel's
+    with pytest.raises(BTFError):
+        btf.enum_value("cgroup_subsys_id", "no_such_cgrp_id")

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from probes.base import CgroupLabeler, KernelFacts, ProbeUnavailable
+from agent.paths import HostPaths
+from agent.workloads import Workloads
+from probes.base import CPU_V1, CgroupLabeler, KernelFacts, ProbeUnavailable
 from probes.btf import BTFError, Member
 from probes.headers import HeadersNotFound
 from probes.histogram import NSLOTS
-from probes.runqlat import RAW_TRACEPOINT, TRACEPOINT, RunqlatProbe, pid_slots_for
+from probes.runqlat import HIST, RAW_TRACEPOINT, TRACEPOINT, RunqlatProbe, pid_slots_for
+from probes.series import Lookup
+from probes.settings import SettingError
 from tests.conftest import BUSY, SLEEPER, run_delay_ns
 
 
@@ -38,10 +42,13 @@ class FakeBTF:
     def has_function(self, name: str) -> bool:
         return self.task_btf_helper and name == "bpf_get_current_task_btf"
 
+    def enum_value(self, enum: str, name: str) -> int:
+        raise BTFError(f"enum {enum} not in this fake")
+
 
 def fake_kernel(tmp_path: Path, btf: FakeBTF | None) -> KernelFacts:
     proc = tmp_path / "proc/sys/kernel"
-    proc.mkdir(parents=True)
+    proc.mkdir(parents=True, exist_ok=True)
     (proc / "pid_max").write_text("4194304\n")
     k = KernelFacts(
         release="6.18.0-test",
@@ -65,19 +72,43 @@ def test_render_raw_tracepoint_uses_sched_info_offsets_from_btf(tmp_path: Path) 
     probe = RunqlatProbe(fake_kernel(tmp_path, FakeBTF()), max_cgroups=64)
     text, cflags = probe.render(RAW_TRACEPOINT)
     assert "RAW_TRACEPOINT_PROBE(sched_switch)" in text
+    assert "BPF_PERCPU_ARRAY(runqueue_latency_seconds, struct runqueue_latency_seconds_row, 64)" in text
+    assert "static __always_inline u32 latency_slot(u64 ns)" in text  # the shared prelude comes first
     assert cflags == [
+        f"-DNSLOTS={NSLOTS}",
+        "-DNSTATS=4",
+        "-DSTAT_CGROUP_MAP_FULL=0",
+        "-DSTAT_UNATTRIBUTED=1",
+        "-DSTAT_PID_SLOT_EVICTED=2",
+        "-DSTAT_TASK_STORAGE_BUSY=3",
+        "-DTASK_BTF",  # task storage for the baseline: no pid collisions
         "-DPID_SLOTS=262144",
-        "-DMAX_CGROUPS=64",
         "-DSTRATEGY_SCHEDINFO",
         "-DSCHED_INFO_OFF=1008",
         "-DRUN_DELAY_GAP=8",
-        "-DTASK_BTF",
     ]
 
 
-def test_render_raw_tracepoint_probe_read_path_before_5_11(tmp_path: Path) -> None:
+def test_render_raw_tracepoint_pid_array_before_5_11(tmp_path: Path) -> None:
     _, cflags = RunqlatProbe(fake_kernel(tmp_path, FakeBTF(task_btf_helper=False))).render(RAW_TRACEPOINT)
     assert "-DSTRATEGY_SCHEDINFO" in cflags and "-DTASK_BTF" not in cflags
+
+
+def test_settings_are_validated_by_the_probe(tmp_path: Path) -> None:
+    with pytest.raises(SettingError, match="--runqlat-max-cgroups 0"):
+        RunqlatProbe(fake_kernel(tmp_path, FakeBTF()), max_cgroups=0)
+    with pytest.raises(SettingError, match="power of two"):
+        RunqlatProbe(fake_kernel(tmp_path, FakeBTF()), max_pid_slots=3000)
+
+
+def test_cpu_hierarchy_without_btf_offsets_fails_each_strategy_not_the_agent(tmp_path: Path) -> None:
+    """BTF errors happen inside the strategy attempt: every strategy is tried and reported."""
+    kernel = fake_kernel(tmp_path, FakeBTF())
+    kernel.workload_hierarchy = CPU_V1
+    kernel.__dict__["headers"] = KernelFacts().headers
+    with pytest.raises(ProbeUnavailable) as e:
+        RunqlatProbe(kernel).load()
+    assert "raw_tracepoint: BTFError" in e.value.reason and "tracepoint: BTFError" in e.value.reason
 
 
 @pytest.mark.parametrize(
@@ -119,22 +150,26 @@ def test_load_without_headers_is_unavailable_not_a_crash(tmp_path: Path) -> None
 
 # --- on the real kernel -------------------------------------------------------------------------
 class IdLabeler(CgroupLabeler):
-    """Labels = the cgroup id itself; None for ids in ``gone``."""
+    """Labels = the cgroup id itself; gone for ids in ``gone``."""
 
     label_names = ("cgroup_id",)
 
     def __init__(self) -> None:
         self.gone: set[int] = set()
 
-    def labels_for_cgroup_id(self, cgroup_id: int) -> tuple[str, ...] | None:
-        return None if cgroup_id in self.gone else (str(cgroup_id),)
+    def resolve(self, cgroup_id: int) -> Lookup:
+        return Lookup((str(cgroup_id),), cgroup_id in self.gone)
 
 
-def loaded(strategies: tuple[str, ...], tmp_path: Path, **kw: object) -> RunqlatProbe:
-    probe = RunqlatProbe(KernelFacts(cache_dir=Path("/var/cache/nodetune")), IdLabeler(), strategies, **kw)
+def loaded(strategies: tuple[str, ...], cache: Path, labeler=None, kernel=None, **kw: object) -> RunqlatProbe:
+    probe = RunqlatProbe(kernel or KernelFacts(cache_dir=cache), labeler or IdLabeler(), strategies, **kw)
     probe.load()
     assert probe.attach == strategies[0]
     return probe
+
+
+def hist_of(probe: RunqlatProbe, cg_id: int) -> tuple[list[int], int]:
+    return probe.histograms().get((str(cg_id),), ([0] * NSLOTS, 0))
 
 
 STRATEGY_CASES = [
@@ -146,18 +181,18 @@ STRATEGY_CASES = [
 
 @pytest.mark.bpf
 @pytest.mark.parametrize(("strategies", "kw"), STRATEGY_CASES)
-def test_histogram_sum_agrees_with_schedstat_run_delay(strategies, kw, tmp_path: Path, make_cgroup) -> None:
+def test_histogram_sum_agrees_with_schedstat_run_delay(strategies, kw, header_cache: Path, make_cgroup) -> None:
     """More busy tasks than CPUs on one CPU: in-kernel sum vs /proc/<pid>/schedstat, within 10%."""
     busy = make_cgroup("busy")
-    probe = loaded(strategies, tmp_path, **kw)
+    probe = loaded(strategies, header_cache, **kw)
     try:
         for _ in range(4):
             busy.spawn(BUSY, cpu=0)
         time.sleep(0.5)  # every task has run (and been seen) in its cgroup
-        before_hist = probe.read_histograms().get(busy.id, ([0] * NSLOTS, 0))
+        before_hist = hist_of(probe, busy.id)
         before_delay = run_delay_ns(busy.pids())
         time.sleep(3)
-        after_hist = probe.read_histograms()[busy.id]
+        after_hist = hist_of(probe, busy.id)
         after_delay = run_delay_ns(busy.pids())
     finally:
         probe.close()
@@ -171,49 +206,53 @@ def test_histogram_sum_agrees_with_schedstat_run_delay(strategies, kw, tmp_path:
 
 @pytest.mark.bpf
 @pytest.mark.parametrize(("strategies", "kw"), STRATEGY_CASES)
-def test_sleeping_task_is_attributed_to_its_own_cgroup(strategies, kw, tmp_path: Path, make_cgroup) -> None:
+def test_sleeping_task_is_attributed_to_its_own_cgroup(strategies, kw, header_cache: Path, make_cgroup) -> None:
     """A woken task is counted in the cgroup it ran in, not its waker's (a timer softirq or kworker)."""
     idle = make_cgroup("idle")
-    probe = loaded(strategies, tmp_path, **kw)
+    probe = loaded(strategies, header_cache, **kw)
     try:
         idle.spawn(SLEEPER, cpu=max(os.sched_getaffinity(0)))
         time.sleep(2)
-        hists = probe.read_histograms()
+        slots, total_ns = hist_of(probe, idle.id)
     finally:
         probe.close()
-    slots, total_ns = hists[idle.id]
     assert sum(slots) >= 100  # ~250 wakeups/s
     assert total_ns / sum(slots) < 1e-3 * 1e9  # an idle CPU runs a woken task within a millisecond
 
 
 @pytest.mark.bpf
-def test_entries_of_removed_cgroups_are_dropped(tmp_path: Path, make_cgroup) -> None:
+def test_removed_cgroup_keeps_its_counts_then_its_series_expires(header_cache: Path, make_cgroup) -> None:
     cg = make_cgroup("gone")
-    probe = loaded((RAW_TRACEPOINT,), tmp_path)
+    probe = loaded((RAW_TRACEPOINT,), header_cache, series_grace_s=0.5)
     try:
         cg.spawn(SLEEPER)
         time.sleep(1)
         cg_id = cg.id
-        assert cg_id in probe.read_histograms()
+        probe.maintain()  # registered
         cg.remove()
+        counted = hist_of(probe, cg_id)
+        assert sum(counted[0]) > 0
         probe.labeler.gone.add(cg_id)
-        list(probe.collect())  # first miss: kept (the cgroup might just be new)
-        assert cg_id in probe.read_histograms()
-        list(probe.collect())  # second miss in a row: deleted
-        assert cg_id not in probe.read_histograms()
+        for _ in range(2):  # unown, then (a tick later) read, retire, zero and free
+            list(probe.collect())  # scrapes change nothing
+            probe.maintain()
+            assert hist_of(probe, cg_id) == counted  # kept: the series never goes back
+        time.sleep(0.6)
+        probe.maintain()  # no live cgroup for longer than the grace: dropped
+        assert (str(cg_id),) not in probe.histograms()
     finally:
         probe.close()
 
 
 @pytest.mark.bpf
-def test_bounded_cgroup_map_counts_what_it_drops(tmp_path: Path, make_cgroup) -> None:
+def test_bounded_cgroup_map_counts_what_it_drops(header_cache: Path, make_cgroup) -> None:
     a, b = make_cgroup("a"), make_cgroup("b")
-    probe = loaded((RAW_TRACEPOINT,), tmp_path, max_cgroups=1)
+    probe = loaded((RAW_TRACEPOINT,), header_cache, max_cgroups=1)
     try:
         a.spawn(SLEEPER)
         b.spawn(SLEEPER)
         time.sleep(1)
-        assert len(probe.read_histograms()) == 1
+        assert len(probe.histograms()) == 1
         assert probe.read_stats()["cgroup_map_full"] > 0
     finally:
         probe.close()
@@ -221,33 +260,104 @@ def test_bounded_cgroup_map_counts_what_it_drops(tmp_path: Path, make_cgroup) ->
 
 @pytest.mark.bpf
 @pytest.mark.parametrize(("strategies", "kw"), STRATEGY_CASES)
-def test_row_of_a_removed_cgroup_is_zeroed_and_freed(strategies, kw, tmp_path: Path, make_cgroup) -> None:
+def test_row_of_a_removed_cgroup_is_zeroed_and_freed(strategies, kw, header_cache: Path, make_cgroup) -> None:
     cg = make_cgroup("row")
-    probe = loaded(strategies, tmp_path, **kw)
+    probe = loaded(strategies, header_cache, **kw)
     try:
         cg.spawn(SLEEPER)
         time.sleep(1)
-        rows, owner = probe.table("runqlat_cgroup_rows"), probe.table("runqlat_row_owner")
-        hist, free = probe.table("runqueue_latency_seconds"), probe.table("runqlat_free_rows")
+        index, owner = probe.table(HIST + "_index"), probe.table(HIST + "_owner")
+        hist, free = probe.table(HIST), probe.table(HIST + "_free")
         cg_id = cg.id
-        row = rows[rows.Key(cg_id)].value
+        row = index[index.Key(cg_id)].value
         assert owner[owner.Key(row)].value == cg_id
-        assert sum(sum(c.slots) for c in hist[hist.Key(row)]) > 0
+        assert sum(sum(c.w[:NSLOTS]) for c in hist[hist.Key(row)]) > 0
         cg.remove()
         probe.labeler.gone.add(cg_id)
-        list(probe.collect())
-        list(probe.collect())  # second miss: unowned, unmapped, zeroed, freed
+        probe.maintain()  # phase 1: unowned and unmapped, counts still in the row
         assert owner[owner.Key(row)].value == 0
-        assert cg_id not in {k.value for k, _ in rows.items()}
-        assert all(c.sum_ns == 0 and not any(c.slots) for c in hist[hist.Key(row)])
-        assert row in [v.value for v in free.values()]  # drains the queue: the probe closes next
+        assert cg_id not in {k.value for k, _ in index.items()}
+        assert sum(sum(c.w[:NSLOTS]) for c in hist[hist.Key(row)]) > 0
+        probe.maintain()  # phase 2, a tick later: zeroed and freed
+        assert all(not any(c.w) for c in hist[hist.Key(row)])
+        assert row in [v.value for v in free.values()]  # drains the stack: the probe closes next
     finally:
         probe.close()
 
 
 @pytest.mark.bpf
-def test_close_detaches_programs(tmp_path: Path) -> None:
-    probe = loaded((RAW_TRACEPOINT,), tmp_path)
+def test_both_strategies_agree_on_the_same_workload(header_cache: Path, make_cgroup) -> None:
+    """Independent measurements: the kernel's run_delay (raw_tracepoint) vs our own wakeup-to-run
+    timestamps (tracepoint), loaded together over the same busy cgroup."""
+    busy = make_cgroup("both")
+    a = loaded((RAW_TRACEPOINT,), header_cache)
+    b = loaded((TRACEPOINT,), header_cache)
+    try:
+        for _ in range(3):
+            busy.spawn(BUSY, cpu=0)
+        busy.spawn(SLEEPER, cpu=0)
+        time.sleep(0.5)
+        a0, b0 = hist_of(a, busy.id), hist_of(b, busy.id)
+        time.sleep(3)
+        a1, b1 = hist_of(a, busy.id), hist_of(b, busy.id)
+    finally:
+        a.close()
+        b.close()
+    sum_a, sum_b = a1[1] - a0[1], b1[1] - b0[1]
+    count_a, count_b = sum(a1[0]) - sum(a0[0]), sum(b1[0]) - sum(b0[0])
+    print(f"sum: run_delay {sum_a} ns, timestamps {sum_b} ns; waits {count_a} vs {count_b}")
+    assert sum_a > 1e9
+    assert abs(sum_a - sum_b) <= 0.10 * sum_a
+    assert abs(count_a - count_b) <= 0.10 * count_a
+
+
+@pytest.mark.bpf
+def test_garbled_btf_falls_back_to_the_tracepoint_strategy(header_cache: Path, tmp_path: Path) -> None:
+    blob = bytearray(Path("/sys/kernel/btf/vmlinux").read_bytes()[:4096])
+    blob[24:64] = bytes(range(40))
+    (tmp_path / "vmlinux").write_bytes(blob)
+    kernel = KernelFacts(cache_dir=header_cache, btf_path=tmp_path / "vmlinux")
+    probe = RunqlatProbe(kernel, IdLabeler())
+    try:
+        probe.load()
+        assert probe.attach == TRACEPOINT
+        assert "no kernel BTF" in probe.skipped[RAW_TRACEPOINT]
+    finally:
+        probe.close()
+
+
+@pytest.mark.bpf
+def test_v1_cpu_hierarchy_charges_the_cpu_cgroup_with_collector_labels(header_cache: Path, make_cgroup) -> None:
+    """Hybrid host, cgroupfs driver: pods live only in the v1 controllers. The probe charges the
+    task's v1 cpu cgroup (ids read through task->cgroups with BTF offsets)."""
+    cpu_root = HostPaths().cgroup_v1("cpu")
+    if cpu_root is None:
+        pytest.skip("no v1 cpu hierarchy on this host")
+    parent = make_cgroup("v1", root=cpu_root)
+    cg = parent.child("kubepods").child("burstable").child("pod0a1b2c3d-0000-4000-8000-00000000abcd")
+    cg = cg.child("c" * 64)  # a container of a pod, as the cgroupfs driver lays it out
+    workloads = Workloads(cpu_root)
+    kernel = KernelFacts(cache_dir=header_cache, workload_hierarchy=CPU_V1)
+    probe = loaded((RAW_TRACEPOINT,), header_cache, labeler=workloads, kernel=kernel)
+    try:
+        for _ in range(3):
+            cg.spawn(BUSY, cpu=0)
+        time.sleep(0.5)
+        want = workloads.labels_for_path(cg.rel)  # what the throttling collector gives this path
+        assert want == ("", "", "", cg.rel)
+        before, delay0 = probe.histograms().get(want, ([0] * NSLOTS, 0)), run_delay_ns(cg.pids())
+        time.sleep(2)
+        after, delay1 = probe.histograms()[want], run_delay_ns(cg.pids())
+    finally:
+        probe.close()
+    probe_ns, kernel_ns = after[1] - before[1], delay1 - delay0
+    assert kernel_ns > 0.5e9
+    assert abs(probe_ns - kernel_ns) <= 0.10 * kernel_ns
+
+
+@pytest.mark.bpf
+def test_close_detaches_programs(header_cache: Path) -> None:
+    probe = loaded((RAW_TRACEPOINT,), header_cache)
     fds = probe.program_fds()
     assert set(fds) == {"raw_tracepoint__sched_switch"}  # no wakeup hook: the kernel accounts the waits
     probe.close()

@@ -1,0 +1,106 @@
+"""The few bpf(2) commands BCC 0.26's Python layer does not offer in the form we need.
+
+* ``lookup_batch``: ``BPF_MAP_LOOKUP_BATCH`` on an array map (kernel >= 5.6), one syscall for a
+  whole range of rows, per-CPU values included (each value is ``round_up(value_size, 8)`` bytes
+  per *possible* CPU: kernel/bpf/syscall.c ``bpf_map_value_size``). BCC's ``items_lookup_batch``
+  only handles hash maps and yields ctypes objects one by one.
+* ``prog_test_run``: ``BPF_PROG_TEST_RUN`` of a raw-tracepoint program with given arguments
+  (kernel >= 5.10, net/bpf/test_run.c ``bpf_prog_test_run_raw_tp``), so tests run the real C.
+
+Plain ``syscall(__NR_bpf, ...)`` through libc: no subprocess, no extra library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+import struct
+from functools import cache
+from pathlib import Path
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_PROG_TEST_RUN = 10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BPFSyscallError(OSError):
+    """A bpf(2) command failed; errno and the command are in the message."""
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BPFSyscallError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BPFSyscallError(err, f"bpf cmd {cmd}: {os.strerror(err)}")
+    return ret
+
+
+@cache
+def possible_cpus(sys_root: str = "/sys") -> int:
+    """Number of possible CPUs (the per-CPU value count), from ``devices/system/cpu/possible``."""
+    text = (Path(sys_root) / "devices/system/cpu/possible").read_text().strip()
+    highest = 0
+    for part in text.split(","):
+        highest = max(highest, int(part.split("-")[-1]))
+    return highest + 1
+
+
+def lookup_batch(map_fd: int, start: int, count: int, value_size: int, percpu: bool) -> memoryview:
+    """Values of array entries ``start .. start+count-1`` as one buffer of u64 words.
+
+    Layout: entry-major, then CPU (per-CPU maps), then the value's words
+    (``round_up(value_size, 8) / 8`` of them).
+    """
+    stride = (value_size + 7) // 8 * 8
+    per_entry = stride * (possible_cpus() if percpu else 1)
+    values = ctypes.create_string_buffer(per_entry * max(count, 1))
+    keys = (ctypes.c_uint32 * max(count, 1))()
+    in_batch = ctypes.c_uint32(start)
+    out_batch = ctypes.c_uint32(0)
+    # union bpf_attr.batch: in_batch, out_batch, keys, values (u64 pointers), count, map_fd (u32), elem_flags, flags
+    attr = ctypes.create_string_buffer(
+        struct.pack(
+            "<QQQQIIQQ",
+            ctypes.addressof(in_batch) if start else 0,
+            ctypes.addressof(out_batch),
+            ctypes.addressof(keys),
+            ctypes.addressof(values),
+            count,
+            map_fd,
+            0,
+            0,
+        )
+    )
+    if count:
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        except BPFSyscallError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the range ended at the map's end (count updated)
+                raise
+        got = struct.unpack_from("<I", attr.raw, 32)[0]
+        if got != count:
+            raise BPFSyscallError(errno.ERANGE, f"batch read {got} of {count} entries from index {start}")
+    return memoryview(values.raw[: per_entry * count]).cast("Q")
+
+
+def prog_test_run_raw_tp(prog_fd: int, args: tuple[int, ...]) -> int:
+    """Run a raw-tracepoint program once with ``args`` as its u64 arguments; its return value."""
+    ctx = (ctypes.c_uint64 * len(args))(*args)
+    # union bpf_attr.test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat,
+    # duration, ctx_size_in, ctx_size_out, ctx_in, ctx_out, flags, cpu, batch_size
+    attr = ctypes.create_string_buffer(
+        struct.pack(
+            "<IIIIQQIIIIQQIII4x", prog_fd, 0, 0, 0, 0, 0, 0, 0, ctypes.sizeof(ctx), 0, ctypes.addressof(ctx), 0, 0, 0, 0
+        )
+    )
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    return struct.unpack_from("<I", attr.raw, 4)[0]

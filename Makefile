@@ -3,7 +3,7 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench clean
+.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape clean
 
 deps:
 	@bash scripts/bootstrap.sh run
@@ -21,9 +21,15 @@ lint: test-deps
 test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench:
+bench: bench-overhead bench-scrape
+
+bench-overhead:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/python bench/runqlat_overhead.py $(ARGS)
+
+bench-scrape:
+	@bash scripts/bootstrap.sh bench
+	$(VENV)/bin/python bench/scrape_cost.py $(SCRAPE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -111,6 +111,7 @@ def cmd_probes(config: AgentConfig, as_json: bool, print_c: str | None) -> int:
         report = {
             "kernel": agent.kernel.release,
             "headers": agent.kernel.describe_headers(),
+            "cgroup_hierarchy": agent.hierarchy,
             "probes": [
                 {
                     "probe": s.name,
@@ -128,6 +129,7 @@ def cmd_probes(config: AgentConfig, as_json: bool, print_c: str | None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(f"kernel:  {report['kernel']}\nheaders: {report['headers']}")
+        print(f"cgroups: workloads charged to the {report['cgroup_hierarchy']} hierarchy")
         for p in report["probes"]:
             if p["loadable"]:
                 print(f"{p['probe']}: loadable, attach={p['attach']}")

@@ -230,11 +230,14 @@ class CgroupIdIndex:
         return None, False
 
     # --- the lookup -----------------------------------------------------------------------
-    def lookup(self, cgroup_id: int) -> tuple[str | None, bool]:
-        """(path or last known path or None, gone for certain)."""
+    def lookup(self, cgroup_id: int, check_gone: bool = True) -> tuple[str | None, bool]:
+        """(path or last known path or None, gone for certain). With ``check_gone=False`` a path
+        already known is returned without asking the kernel again (scrapes need labels only)."""
         with self._lock:
             if cgroup_id in self._gone:
                 return self._gone[cgroup_id], True
+            if not check_gone and cgroup_id in self._paths:
+                return self._paths[cgroup_id], False
             if not self.by_handle:
                 return self._lookup_walking(cgroup_id)
             found = self._open_by_id(cgroup_id)
@@ -290,10 +293,10 @@ class Workloads(CgroupLabeler):
             return ("", "", "", ident.path)
         return (*names, "")
 
-    def resolve(self, cgroup_id: int) -> Lookup:
+    def resolve(self, cgroup_id: int, check_gone: bool = True) -> Lookup:
         if self.index is None:
             return Lookup(None)
-        path, gone = self.index.lookup(cgroup_id)
+        path, gone = self.index.lookup(cgroup_id, check_gone)
         return Lookup(None if path is None else self.labels_for_path(path), gone)
 
     def labels_for_cgroup_id(self, cgroup_id: int) -> tuple[str, str, str, str] | None:

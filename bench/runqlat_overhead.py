@@ -85,6 +85,23 @@ class Ours:
         self.probe.close()
 
 
+class Floor:
+    """An empty program on the same raw tracepoint: what bpf_stats and the hook cost by themselves."""
+
+    name = "empty raw_tp"
+
+    def __enter__(self) -> Floor:
+        from bcc import BPF
+
+        self.bpf = BPF(text=b"RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }")
+        self.pid = os.getpid()
+        self.names = {fn.fd: "empty" for fn in self.bpf.funcs.values()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bpf.cleanup()
+
+
 class Stock:
     name = "runqlat-bpfcc"
 
@@ -106,7 +123,7 @@ class Stock:
             self.proc.wait()
 
 
-def measure(tool: Callable[[], Ours | Stock], argv: list[str]) -> tuple[float, dict[str, tuple[float, int]]]:
+def measure(tool: Callable[[], Ours | Stock | Floor], argv: list[str]) -> tuple[float, dict[str, tuple[float, int]]]:
     """(BPF ns per context switch, {program: (ns/event, events)}) for one tool over one workload run."""
     with tool() as t:
         before, ctxt0 = prog_stats(t.pid), context_switches()
@@ -126,22 +143,30 @@ def measure(tool: Callable[[], Ours | Stock], argv: list[str]) -> tuple[float, d
 def bpf_cost(rounds: int, loops: int) -> None:
     for workload, make_argv in WORKLOADS.items():
         argv = make_argv(loops)
-        per_switch: dict[str, list[float]] = {"nodetune": [], "runqlat-bpfcc": []}
-        programs: dict[str, dict[str, list[float]]] = {"nodetune": {}, "runqlat-bpfcc": {}}
+        tools = (Ours, Stock, Floor)
+        per_switch: dict[str, list[float]] = {t.name: [] for t in tools}
+        programs: dict[str, dict[str, list[float]]] = {t.name: {} for t in tools}
+        ratios: list[float] = []
         for r in range(rounds):
-            order = [Ours, Stock] if r % 2 == 0 else [Stock, Ours]
+            order = [Ours, Stock, Floor] if r % 2 == 0 else [Floor, Stock, Ours]
             for tool in order:
                 cost, progs = measure(tool, argv)
                 per_switch[tool.name].append(cost)
                 for prog, (ns, _n) in progs.items():
                     programs[tool.name].setdefault(prog, []).append(ns)
+            ratios.append(per_switch["nodetune"][-1] / per_switch["runqlat-bpfcc"][-1])
         ours, stock = statistics.median(per_switch["nodetune"]), statistics.median(per_switch["runqlat-bpfcc"])
+        floor = statistics.median(per_switch["empty raw_tp"])
         print(f"\n### {workload}: {' '.join(argv)}  ({rounds} alternating rounds, medians)\n")
         print("| tool | BPF ns per context switch | programs (ns/event) |\n|---|---:|---|")
-        for name, value in (("nodetune", ours), ("runqlat-bpfcc", stock)):
+        for name, value in (("nodetune", ours), ("runqlat-bpfcc", stock), ("empty raw_tp", floor)):
             progs = ", ".join(f"{p} {statistics.median(v):.0f}" for p, v in sorted(programs[name].items()))
             print(f"| {name} | {value:.0f} | {progs} |")
-        print(f"\nnodetune / runqlat-bpfcc = {ours / stock:.2f}")
+        print(
+            f"\nnodetune / runqlat-bpfcc = {ours / stock:.2f} (median of per-round ratios "
+            f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}); "
+            f"nodetune above the empty program: {ours - floor:.0f} ns"
+        )
 
 
 def pipe_usecs_per_op(loops: int) -> float:

@@ -50,8 +50,9 @@ class CgroupLabeler(abc.ABC):
     label_names: tuple[str, ...]
 
     @abc.abstractmethod
-    def resolve(self, cgroup_id: int) -> Lookup:
-        """Labels of ``cgroup_id`` (None while unknown) and whether the cgroup is gone for certain."""
+    def resolve(self, cgroup_id: int, check_gone: bool = True) -> Lookup:
+        """Labels of ``cgroup_id`` (None while unknown) and whether the cgroup is gone for certain.
+        ``check_gone=False``: labels suffice (a scrape), a cached answer may be given."""
 
 
 class IdLabeler(CgroupLabeler):
@@ -59,7 +60,7 @@ class IdLabeler(CgroupLabeler):
 
     label_names = ("cgroup_id",)
 
-    def resolve(self, cgroup_id: int) -> Lookup:
+    def resolve(self, cgroup_id: int, check_gone: bool = True) -> Lookup:
         return Lookup((str(cgroup_id),))
 
 
@@ -111,11 +112,18 @@ class KernelFacts:
     def workload_cflags(self) -> list[str]:
         """Macros for ``workload_id()`` in common.bpf.h; raises BTFError when the hierarchy needs
         offsets this kernel's BTF cannot give."""
-        if self.workload_hierarchy == UNIFIED:
-            return []
-        if self.workload_hierarchy != CPU_V1:
+        if self.workload_hierarchy not in (UNIFIED, CPU_V1):
             raise ValueError(f"unknown workload hierarchy {self.workload_hierarchy!r}")
         btf = self.btf
+        flags: list[str] = []
+        if btf is not None:  # task->cgroups also lets probes cache a task's workload (css_set as key)
+            try:
+                flags.append(f"-DTASK_CGROUPS_OFF={btf.member('task_struct', 'cgroups').offset}")
+            except BTFError:
+                if self.workload_hierarchy == CPU_V1:
+                    raise
+        if self.workload_hierarchy == UNIFIED:
+            return flags
         if btf is None:
             raise BTFError(f"the v1 cpu hierarchy needs kernel BTF ({self.btf_path}) for task->cgroups offsets")
         subsys = btf.member("css_set", "subsys")
@@ -126,8 +134,8 @@ class KernelFacts:
         if kn_id.size != 8:
             raise BTFError("kernfs_node.id is not a u64 (kernel < 5.5): v1 cgroup ids are not inode numbers")
         return [
+            *flags,
             "-DWORKLOAD_V1_CPU",
-            f"-DTASK_CGROUPS_OFF={btf.member('task_struct', 'cgroups').offset}",
             f"-DCSS_SET_CPU_OFF={subsys.offset + 8 * cpu_id}",
             f"-DCSS_CGROUP_OFF={btf.member('cgroup_subsys_state', 'cgroup').offset}",
             f"-DCGROUP_KN_OFF={btf.member('cgroup', 'kn').offset}",

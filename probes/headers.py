@@ -108,12 +108,47 @@ def _build_atomically(dest: Path, build: Callable[[Path], None]) -> None:
         raise
 
 
+STAMP = ".nodetune-tree"  # written last inside a built tree: what it was built from
+
+
+def _identity(sources: list[Path]) -> str:
+    """What a built tree depends on: each source's real path and modification time (a package
+    upgrade replaces the directories, so their mtimes change)."""
+    lines = []
+    for src in sources:
+        st = os.stat(src)
+        lines.append(f"{os.path.realpath(src)} {st.st_mtime_ns} {st.st_size}")
+    return "\n".join(lines) + "\n"
+
+
+def _ensure_tree(dest: Path, sources: list[Path], build: Callable[[Path], None]) -> None:
+    """Build ``dest`` unless it exists with a stamp matching ``sources``. A tree without a stamp
+    (left by an older version or an interrupted build) or with a stale one is moved aside, removed
+    and rebuilt."""
+    identity = _identity(sources)
+    try:
+        if (dest / STAMP).read_text() == identity:
+            return
+    except OSError:
+        pass
+    if dest.exists() or dest.is_symlink():
+        aside = Path(tempfile.mkdtemp(prefix=dest.name + ".stale.", dir=dest.parent))
+        os.rename(dest, aside / "tree")
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def build_and_stamp(tmp: Path) -> None:
+        build(tmp)
+        (tmp / STAMP).write_text(identity)
+
+    _build_atomically(dest, build_and_stamp)
+
+
 def _merge_trees(sources: list[Path], dest: Path) -> None:
     """Build ``dest`` as a tree of symlinks to the files of ``sources`` (later ones win).
 
     The equivalent of ``cp -as a/. b/. dest`` done in-process, limited to include/ and arch/.
     """
-    _build_atomically(dest, lambda tmp: _link_all(sources, tmp))
+    _ensure_tree(dest, sources, lambda tmp: _link_all(sources, tmp))
 
 
 def _link_all(sources: list[Path], tmp: Path) -> None:
@@ -144,7 +179,7 @@ def _extract_kheaders(archive: Path, dest: Path) -> None:
                         raise HeadersNotFound(f"{archive}: unsafe member {m.name!r}")
                 tar.extractall(tmp, members=members)
 
-    _build_atomically(dest, extract)
+    _ensure_tree(dest, [archive], extract)
 
 
 _VERSION_RE = re.compile(r"^linux-headers-(\d+)\.(\d+)\.(\d+)(?:-(\d+))?")
@@ -195,8 +230,7 @@ def find_headers(
             if host_root.resolve() == Path("/") and (build / "include").is_dir():
                 return KernelHeaders("", "host", release, exact=True)  # BCC's own search handles the split
             merged = Path(cache_dir) / "headers" / f"host-{release}"
-            if not merged.is_dir():
-                _merge_trees([source, build], merged)
+            _merge_trees([source, build], merged)
             return KernelHeaders(str(merged), "host", release, exact=True)
         if _is_tree(build):
             return KernelHeaders(str(build), "host", release, exact=True)
@@ -204,8 +238,7 @@ def find_headers(
     archive = Path(sys_root) / "kernel" / "kheaders.tar.xz"
     if archive.is_file():
         dest = Path(cache_dir) / "headers" / f"kheaders-{release}"
-        if not dest.is_dir():
-            _extract_kheaders(archive, dest)
+        _extract_kheaders(archive, dest)
         return KernelHeaders(str(dest), "kheaders", release, exact=True)
 
     if src_dirs is None:
@@ -221,6 +254,5 @@ def find_headers(
     exact_sets = [s for s in sets if s[0] == release]
     set_release, trees = (exact_sets or sets)[0]
     dest = Path(cache_dir) / "headers" / f"distribution-{set_release}"
-    if not dest.is_dir():
-        _merge_trees(trees, dest)
+    _merge_trees(trees, dest)
     return KernelHeaders(str(dest), "distribution", set_release, exact=set_release == release)

@@ -88,6 +88,18 @@ static __always_inline u64 *{n}_at(u32 row)
 """
 
 
+def sum_over_cpus(buf: memoryview, rows: list[int], ncpu: int, words: int) -> dict[int, list[int]]:
+    """Row -> its words summed over CPUs, from a batch read laid out row, CPU, word."""
+    per_row = ncpu * words
+    flat = buf.tolist()
+    out: dict[int, list[int]] = {}
+    for row in rows:
+        chunk = flat[row * per_row : (row + 1) * per_row]
+        # words of CPU c are chunk[c*words : (c+1)*words]; sum the same word over CPUs
+        out[row] = [sum(chunk[i::words]) for i in range(words)]
+    return out
+
+
 class Rows:
     """The kernel side of one loaded RowSet: batched reads, owner changes, zero-and-free."""
 
@@ -109,18 +121,8 @@ class Rows:
         if not rows:
             return {}
         words = self.spec.words
-        span = max(rows) + 1
-        buf = bpfsys.lookup_batch(self.values.get_fd(), 0, span, 8 * words, percpu=True)
-        ncpu = bpfsys.possible_cpus()
-        per_row = ncpu * words
-        nested = buf.tolist()
-        out: dict[int, list[int]] = {}
-        for row in rows:
-            base = row * per_row
-            chunk = nested[base : base + per_row]
-            # words of CPU c are chunk[c*words : (c+1)*words]; sum the same word over CPUs
-            out[row] = [sum(chunk[i::words]) for i in range(words)]
-        return out
+        buf = bpfsys.lookup_batch(self.values.get_fd(), 0, max(rows) + 1, 8 * words, percpu=True)
+        return sum_over_cpus(buf, rows, bpfsys.possible_cpus(), words)
 
     def unown(self, row: int, wid: int) -> None:
         """Phase 1: no new event can reach ``row`` for ``wid``."""
@@ -144,7 +146,7 @@ class WorkloadRows:
     def __init__(
         self,
         rows: Rows,
-        resolve: Callable[[int], Lookup],
+        resolve: Callable[[int, bool], Lookup],
         series_grace_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -166,7 +168,9 @@ class WorkloadRows:
         with self._lock:
             live = self._live()
             values = self.rows.read(list(live))
-            return self.series.totals({wid: values[row] for row, wid in live.items()}, self.resolve)
+            return self.series.totals(
+                {wid: values[row] for row, wid in live.items()}, lambda wid: self.resolve(wid, False)
+            )
 
     def maintain(self) -> None:
         """Timer tick: free rows drained since the last tick, register, relabel, start draining."""

@@ -30,6 +30,7 @@
 struct baseline {
     u64 pcount;    /* sched_info.pcount at the task's last switch-out; 0 = never seen */
     u64 run_delay; /* sched_info.run_delay (ns) at the task's last switch-out */
+    u64 key;       /* cache: workload_key() (css_set) when wid was read; 0 = re-read wid */
     u64 wid;       /* cache: the workload the task last waited in ... */
     u32 row;       /* ... and that workload's histogram row */
     u32 pad;
@@ -45,14 +46,18 @@ struct pid_slot {
 BPF_ARRAY(runqlat_pid_slots, struct pid_slot, PID_SLOTS);
 #endif
 
-static __always_inline void charge(struct baseline *b, u64 delta)
+/* key: workload_key() of the task, or 0 where there is none (then the id is read every time). */
+static __always_inline void charge(struct baseline *b, u64 key, u64 delta)
 {
-    u64 wid = workload_id();
-    if (b->wid != wid || !runqueue_latency_seconds_owned(b->row, wid)) {
-        int row = runqueue_latency_seconds_row_of(wid);
+    if (!key || b->key != key) {
+        b->wid = workload_id();
+        b->key = key;
+        b->row = (u32)-1;
+    }
+    if (!runqueue_latency_seconds_owned(b->row, b->wid)) { /* first use, or the row was reclaimed */
+        int row = runqueue_latency_seconds_row_of(b->wid);
         if (row < 0)
             return;
-        b->wid = wid;
         b->row = row;
     }
     u64 *w = runqueue_latency_seconds_at(b->row);
@@ -63,16 +68,20 @@ static __always_inline void charge(struct baseline *b, u64 delta)
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
     /* prev is current: the tracepoint fires in __schedule() before context_switch(). */
-    u32 pid = (u32)bpf_get_current_pid_tgid();
-    if (!pid) /* the idle task of each CPU */
-        return 0;
-    u64 delta = 0;
+    u64 delta = 0, key = 0;
     int have = 0;
 #ifdef TASK_BTF
+    /*
+     * The idle task needs no check: sched_info_switch() never accounts rq->idle, so its pcount
+     * stays 0 and it is never charged (kernel/sched/stats.h).
+     */
     /* BTF-typed pointer: the verifier turns these into plain loads with fault fixup. */
     void *t = (void *)bpf_get_current_task_btf();
     u64 pcount = *(u64 *)(t + SCHED_INFO_OFF);
     u64 run_delay = *(u64 *)(t + SCHED_INFO_OFF + RUN_DELAY_GAP);
+#ifdef HAVE_WORKLOAD_KEY
+    key = workload_key(t);
+#endif
     struct baseline *b = runqlat_tasks.task_storage_get(t, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!b) { /* allocation failed, or the storage lock was busy (recursion on this CPU) */
         count_stat(STAT_TASK_STORAGE_BUSY);
@@ -86,6 +95,9 @@ RAW_TRACEPOINT_PROBE(sched_switch)
         have = 1;
     } /* else: first sight of a task older than the probe: baseline only */
 #else
+    u32 pid = (u32)bpf_get_current_pid_tgid();
+    if (!pid) /* the idle task of each CPU */
+        return 0;
     u64 task = bpf_get_current_task();
     u64 si[1 + RUN_DELAY_GAP / 8] = {};
     bpf_probe_read_kernel(si, sizeof(si), (void *)task + SCHED_INFO_OFF);
@@ -106,13 +118,13 @@ RAW_TRACEPOINT_PROBE(sched_switch)
     }
     if (s->task != task) {
         s->task = task;
-        b->wid = 0; /* the cached row belonged to the previous owner */
+        b->key = 0; /* the cached workload belonged to the previous owner */
     }
 #endif
     b->pcount = pcount;
     b->run_delay = run_delay;
     if (have)
-        charge(b, delta);
+        charge(b, key, delta);
     return 0;
 }
 

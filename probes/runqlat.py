@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from probes import tracefs
 from probes.base import Probe
 from probes.btf import BTFError
-from probes.histogram import NSLOTS, ROW_WORDS, cumulative_buckets
+from probes.families import CompactHistogram
+from probes.histogram import NSLOTS, ROW_WORDS
 from probes.rows import RowSet
 from probes.settings import Setting
 
@@ -134,12 +134,12 @@ class RunqlatProbe(Probe):
         return {labels: (v[:NSLOTS], v[NSLOTS]) for labels, v in self.series(HIST).items()}
 
     def collect_loaded(self) -> Iterable[Metric]:
-        hist = HistogramMetricFamily(
+        hist = CompactHistogram(
             "nodetune_" + HIST,
             "Time tasks spent runnable on a run queue before running (wakeup, new task or "
             "preemption to switch-in), per workload.",
-            labels=list(self.labeler.label_names),
+            labels=self.labeler.label_names,
         )
         for labels, (slots, total_ns) in sorted(self.histograms().items()):
-            hist.add_metric(list(labels), cumulative_buckets(slots), total_ns / 1e9)
+            hist.add(labels, slots, total_ns / 1e9)
         return [hist]

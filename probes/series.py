@@ -91,7 +91,7 @@ class WorkloadSeries:
             del self._last_live[labels]
             self._retired.pop(labels, None)
 
-    def totals(self, values: Mapping[int, list[int]], resolve: Callable[[int], Lookup]) -> dict[Labels, list[int]]:
+    def totals(self, values: Mapping[int, list[int]], labels_of: Callable[[int], Lookup]) -> dict[Labels, list[int]]:
         """Scrape: label set -> counters, from the live rows' current ``values`` (by workload id).
 
         Reads only. A workload the timer has not registered yet is labelled on the spot (baseline 0,
@@ -101,7 +101,7 @@ class WorkloadSeries:
         for wid, vals in values.items():
             member = self._members.get(wid)
             if member is None:
-                labels = resolve(wid).labels
+                labels = labels_of(wid).labels
                 if labels is None:
                     continue
                 _add(out.setdefault(labels, [0] * self.width), vals)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 import logging
+import socket
 import threading
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from agent.exporter import Exporter, MetricsServer
+from agent.exporter import Exporter, MetricsServer, _Handler
 from tests.conftest import http_get, parse_metrics
 
 
@@ -127,6 +129,54 @@ def test_gzip_when_asked(server) -> None:
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.headers["Content-Encoding"] == "gzip"
         assert b"nodetune_things" in gzip.decompress(r.read())
+
+
+@pytest.mark.parametrize(
+    ("header", "gzipped"),
+    [
+        ("gzip", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.0, identity", False),
+        ("identity;q=1, gzip;q=0.5", True),
+        ("*", True),
+        ("*;q=0", False),
+        ("br, deflate", False),
+        ("GZIP;Q=0.3", True),
+        ("", False),
+    ],
+)
+def test_accept_encoding_q_values(server, header: str, gzipped: bool) -> None:
+    exporter = Exporter()
+    for i in range(50):
+        exporter.register(f"unit{i}", Good(i))
+    url = server(exporter)
+    req = urllib.request.Request(url + "/metrics", headers={"Accept-Encoding": header})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert (r.headers.get("Content-Encoding") == "gzip") is gzipped
+        assert r.headers["Vary"] == "Accept-Encoding"
+
+
+def test_idle_connections_are_closed_and_do_not_block_scrapes(server, monkeypatch) -> None:
+    monkeypatch.setattr(_Handler, "timeout", 1.0)
+    exporter = Exporter()
+    exporter.register("good", Good())
+    url = server(exporter)
+    host, port = url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(200)]
+    try:
+        status, body = http_get(url + "/metrics")  # 200 idle clients do not keep a scrape out
+        assert status == 200 and "nodetune_things" in body
+        time.sleep(1.5)
+        closed = 0
+        for conn in idle:
+            try:
+                closed += conn.recv(1) == b""  # the server closed it: EOF
+            except OSError:
+                closed += 1
+        assert closed == len(idle)
+    finally:
+        for conn in idle:
+            conn.close()
 
 
 def test_concurrent_scrapes_are_bounded(server) -> None:

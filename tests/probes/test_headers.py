@@ -102,3 +102,22 @@ def test_resolve_in_root_keeps_absolute_links_inside(tmp_path: Path) -> None:
     os.symlink("../../..", tmp_path / "usr/src/x/up")
     assert resolve_in_root(tmp_path, "/a/link") == (tmp_path / "usr/src/x").resolve()
     assert resolve_in_root(tmp_path, "/a/link/up/../..") == tmp_path.resolve()
+
+
+def test_half_built_or_stale_cache_is_rebuilt(tmp_path: Path) -> None:
+    debian_headers(tmp_path)
+    cache = tmp_path / "cache"
+    h = find_headers(R, host_root=tmp_path, sys_root=tmp_path / "sys", cache_dir=cache)
+    tree = Path(h.path)
+    # A tree left by an interrupted build or an older version: no stamp, missing files.
+    (tree / ".nodetune-tree").unlink()
+    (tree / "include/generated/autoconf.h").unlink()
+    h = find_headers(R, host_root=tmp_path, sys_root=tmp_path / "sys", cache_dir=cache)
+    assert Path(h.path, "include/generated/autoconf.h").read_text() == "flavour"
+    # The distribution set was upgraded in place: the stamp no longer matches, the tree is rebuilt.
+    flavour = tmp_path / "usr/src/linux-headers-6.1.0-56-cloud-amd64"
+    touch(flavour / "include/generated/new.h", "new")
+    os.utime(flavour, ns=(1, 1))
+    h = find_headers(R, host_root=tmp_path, sys_root=tmp_path / "sys", cache_dir=cache)
+    assert Path(h.path, "include/generated/new.h").read_text() == "new"
+    assert [p.name for p in (cache / "headers").iterdir()] == ["distribution-6.1.0-56-cloud-amd64"]

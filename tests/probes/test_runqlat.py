@@ -157,7 +157,7 @@ class IdLabeler(CgroupLabeler):
     def __init__(self) -> None:
         self.gone: set[int] = set()
 
-    def resolve(self, cgroup_id: int) -> Lookup:
+    def resolve(self, cgroup_id: int, check_gone: bool = True) -> Lookup:
         return Lookup((str(cgroup_id),), cgroup_id in self.gone)
 
 
@@ -272,6 +272,9 @@ def test_row_of_a_removed_cgroup_is_zeroed_and_freed(strategies, kw, header_cach
         row = index[index.Key(cg_id)].value
         assert owner[owner.Key(row)].value == cg_id
         assert sum(sum(c.w[:NSLOTS]) for c in hist[hist.Key(row)]) > 0
+        cg.stop()  # frozen: the batched read (one bpf(2) call) must equal BCC's per-CPU lookup
+        batched = probe.workload_rows[HIST].rows.read([row])[row]
+        assert batched == [sum(c.w[i] for c in hist[hist.Key(row)]) for i in range(NSLOTS + 1)]
         cg.remove()
         probe.labeler.gone.add(cg_id)
         probe.maintain()  # phase 1: unowned and unmapped, counts still in the row
@@ -363,3 +366,27 @@ def test_close_detaches_programs(header_cache: Path) -> None:
     probe.close()
     probe.close()  # idempotent
     assert probe.program_fds() == {} and list(probe.collect()) == []
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize(("strategies", "kw"), STRATEGY_CASES)
+def test_task_moved_to_another_cgroup_is_charged_there(strategies, kw, header_cache: Path, make_cgroup) -> None:
+    """The per-task workload cache (keyed by css_set where BTF allows) follows a cgroup move."""
+    a, b = make_cgroup("from"), make_cgroup("to")
+    probe = loaded(strategies, header_cache, **kw)
+    try:
+        procs = [a.spawn(BUSY, cpu=0) for _ in range(3)]
+        time.sleep(1)
+        for proc in procs:
+            (b.path / "cgroup.procs").write_text(str(proc.pid))
+        time.sleep(0.3)  # every task has run in its new cgroup
+        a0, b0 = sum(hist_of(probe, a.id)[0]), sum(hist_of(probe, b.id)[0])
+        time.sleep(1.5)
+        a1, b1 = sum(hist_of(probe, a.id)[0]), sum(hist_of(probe, b.id)[0])
+    finally:
+        b.procs.extend(a.procs)
+        a.procs.clear()
+        probe.close()
+    assert a0 > 0, "the tasks waited in their first cgroup"
+    assert a1 == a0, f"nothing charged to the old cgroup after the move ({a1 - a0} waits)"
+    assert b1 - b0 > 50

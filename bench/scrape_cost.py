@@ -1,0 +1,177 @@
+"""Cost of a /metrics scrape with many workloads. Not a test.
+
+Makes N pod-like cgroups (``/<bench>/kubepods/burstable/pod<uid>/<container id>`` in the cgroup v2
+hierarchy, as the cgroupfs driver lays them out), each with one task that sleeps and wakes every
+50 ms so that every workload has a histogram row. Runs ``nodetune run`` as a real process, scrapes
+/metrics ``--scrapes`` times (with ``Accept-Encoding: gzip``, as Prometheus does) and reports the
+median and max scrape time and the body size. Then measures, in this process, what reading the
+rows costs per row and per CPU (the part that grows with a node's CPU count).
+
+Run as root: ``make bench-scrape`` (``ARGS="--workloads 500 --scrapes 30"``). Every cgroup and
+process made here is removed by its pid; cProfile of the agent's scrape with ``--profile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.paths import HostPaths
+from probes import bpfsys
+
+
+def make_workloads(root: Path, n: int) -> tuple[Path, list[int]]:
+    top = root / f"nodetune-bench-{uuid.uuid4().hex[:8]}"
+    pids: list[int] = []
+    base = top / "kubepods" / "burstable"
+    base.mkdir(parents=True)
+    for i in range(n):
+        uid = str(uuid.UUID(int=i + 1))
+        cg = base / f"pod{uid}" / f"{i + 1:064x}"
+        cg.mkdir(parents=True)
+        pid = os.fork()
+        if pid == 0:  # child: join the cgroup, then wake every 50 ms until killed
+            try:
+                (cg / "cgroup.procs").write_text(str(os.getpid()))
+                while True:
+                    time.sleep(0.05)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    return top, pids
+
+
+def remove_workloads(top: Path, pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for _ in range(50):
+            try:
+                directory.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+    top.rmdir()
+
+
+def scrape(url: str) -> tuple[float, int, int]:
+    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = r.read()
+        gz = r.headers.get("Content-Encoding") == "gzip"
+    elapsed = time.perf_counter() - start
+    raw = gzip.decompress(body) if gz else body
+    return elapsed, len(raw), len(body)
+
+
+def read_cost(rows_in_use: int) -> str:
+    """Time of one batched read of the rows in use, per row and per row x CPU."""
+    from probes.base import KernelFacts
+    from probes.runqlat import HIST, RunqlatProbe
+
+    probe = RunqlatProbe(KernelFacts(cache_dir=Path(tempfile.gettempdir()) / "nodetune-bench-cache"))
+    probe.load()
+    try:
+        rows = probe.workload_rows[HIST].rows
+        wanted = list(range(rows_in_use))
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            rows.read(wanted)
+            times.append(time.perf_counter() - t)
+    finally:
+        probe.close()
+    per = statistics.median(times)
+    ncpu = bpfsys.possible_cpus()
+    lines = [
+        f"row read here: {per * 1e3:.2f} ms for {rows_in_use} rows x {ncpu} CPUs (one batched bpf(2) + sums)",
+    ]
+    # What grows with a node's CPUs is the summation over per-CPU values (and the kernel's copy of
+    # them): time it on a synthetic buffer of the same layout for larger CPU counts.
+    import array
+
+    from probes.histogram import ROW_WORDS
+    from probes.rows import sum_over_cpus
+
+    for cpus in (2, 32, 96):
+        buf = memoryview(array.array("Q", range(rows_in_use * cpus * ROW_WORDS)))
+        t = time.perf_counter()
+        sum_over_cpus(buf, list(range(rows_in_use)), cpus, ROW_WORDS)
+        el = time.perf_counter() - t
+        lines.append(
+            f"sum over CPUs, {rows_in_use} rows x {cpus} CPUs: {el * 1e3:.1f} ms "
+            f"({el / rows_in_use / cpus * 1e9:.0f} ns per row x CPU)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workloads", type=int, default=500)
+    ap.add_argument("--scrapes", type=int, default=30)
+    ap.add_argument("--profile", action="store_true", help="run the agent under cProfile (to --profile-out)")
+    ap.add_argument("--profile-out", default="/tmp/nodetune-scrape.prof")
+    args = ap.parse_args()
+    root = HostPaths().cgroup_v2()
+    if root is None:
+        print("no cgroup v2 hierarchy", file=sys.stderr)
+        return 1
+    top, pids = make_workloads(root, args.workloads)
+    agent = None
+    try:
+        port = 19000 + os.getpid() % 1000
+        cache = Path(tempfile.gettempdir()) / "nodetune-bench-cache"
+        cmd = [sys.executable]
+        if args.profile:
+            cmd += ["-m", "cProfile", "-o", args.profile_out]
+        cmd += ["-m", "agent.cli", "run", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache)]
+        cmd += ["--log-level", "warning"]
+        agent = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("agent not ready")
+            time.sleep(0.2)
+        time.sleep(2)  # every workload has waited at least once
+        scrape(url + "/metrics")  # warm-up
+        results = [scrape(url + "/metrics") for _ in range(args.scrapes)]
+        times = [r[0] for r in results]
+        body = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+        series = sum(1 for line in body.splitlines() if line.startswith("nodetune_runqueue_latency_seconds_count{"))
+        print(f"workloads: {args.workloads}, runqlat series: {series}, CPUs: {os.cpu_count()}")
+        print(
+            f"scrape: median {statistics.median(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms "
+            f"over {len(times)} scrapes; body {results[-1][1] / 1e6:.2f} MB ({results[-1][2] / 1e3:.0f} kB gzip)"
+        )
+    finally:
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
+        remove_workloads(top, pids)
+    print(read_cost(args.workloads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""A histogram family that renders its own exposition text, for per-workload latency histograms.
+
+Why: with 500 workloads a runqlat scrape has 13,000 histogram samples, and ``prometheus_client``'s
+``generate_latest`` spends ~90 % of the scrape re-sorting and re-escaping the same labels for each
+sample (profile in the commit that added this). Here the label prefix of each label set is built
+once and each sample is one string format; the text is byte-identical to ``generate_latest``'s for
+the same family (tests/probes/test_families.py checks it on random families).
+
+It is still a ``Metric``: ``samples`` is materialized on first access (tests, parsers, merging
+with another unit's family of the same name); once materialized, the agent renders it the
+library's way, so a family changed through ``samples`` is never rendered stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import accumulate
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+from probes.histogram import BUCKET_LE
+
+
+def _escape(value: str) -> str:
+    # prometheus_client.openmetrics.exposition._escape with ALLOWUTF8: label values are UTF-8.
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def count_text(n: int) -> str:
+    """``floatToGoString(n)`` for a non-negative int counter, without the float round trip."""
+    if n < 1_000_000:
+        return f"{n}.0"
+    if n >= 10**15:  # repr() switches to exponent form near 1e16: let the library decide
+        return floatToGoString(n)
+    digits = str(n)
+    mantissa = f"{digits[0]}.{digits[1:]}".rstrip("0.")  # Go's %g: exponent form from 1e6 on
+    return f"{mantissa}e+{len(digits) - 1:02d}"
+
+
+def _count_line(n: int) -> str:
+    return count_text(n) + "\n"
+
+
+class _Prefixes:
+    """Per (family, label set): the text before each bucket's value and before _count/_sum's.
+    Kept across scrapes (bounded), since a node's label sets change slowly."""
+
+    LIMIT = 20000
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple[tuple[str, ...], str, str]] = {}
+
+    def get(self, family: CompactHistogram, values: tuple[str, ...]) -> tuple[tuple[str, ...], str, str]:
+        key = (family.name, family.label_names, family.le, values)
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= self.LIMIT:
+                self._cache.clear()
+            found = self._cache[key] = family._prefixes(values)
+        return found
+
+
+_PREFIXES = _Prefixes()
+
+
+class CompactHistogram(Metric):
+    """Histogram family stored as (label values, per-bucket counts, sum) rows; see module docstring."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], le: Sequence[str] = BUCKET_LE) -> None:
+        super().__init__(name, documentation, "histogram")
+        self.label_names = tuple(labels)
+        self.le = tuple(le)
+        self.rows: list[tuple[tuple[str, ...], Sequence[int], float]] = []
+
+    def add(self, values: Sequence[str], counts: Sequence[int], sum_value: float) -> None:
+        """One label set: ``counts`` per bucket (not cumulative; the last one is ``+Inf``)."""
+        if len(counts) != len(self.le) or len(values) != len(self.label_names):
+            raise ValueError(f"{self.name}: expected {len(self.le)} counts and {len(self.label_names)} labels")
+        self.rows.append((tuple(values), counts, sum_value))
+
+    @property
+    def samples(self) -> list[Sample]:  # type: ignore[override]
+        if self._samples is None:
+            out: list[Sample] = []
+            for values, counts, sum_value in self.rows:
+                labels = dict(zip(self.label_names, values, strict=True))
+                total = 0
+                for le, count in zip(self.le, counts, strict=True):
+                    total += count
+                    out.append(Sample(self.name + "_bucket", {**labels, "le": le}, total, None, None))
+                out.append(Sample(self.name + "_count", dict(labels), total, None))
+                out.append(Sample(self.name + "_sum", dict(labels), sum_value, None))
+            self._samples = out
+        return self._samples
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        self._samples = value or None  # Metric.__init__ assigns []
+
+    @property
+    def materialized(self) -> bool:
+        return self._samples is not None
+
+    def _prefixes(self, values: tuple[str, ...]) -> tuple[tuple[str, ...], str, str]:
+        """(bucket line prefixes, _count prefix, _sum prefix) of one label set; labels sorted by
+        name as ``generate_latest`` sorts them, ``le`` among them."""
+        pairs = sorted([*zip(self.label_names, values, strict=True), ("le", "")])
+        at = next(i for i, (k, v) in enumerate(pairs) if k == "le" and v == "")
+        before = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs[:at])
+        after = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs[at + 1 :])
+        head = f'{self.name}_bucket{{{before}{"," if before else ""}le="'
+        tail = f'"{"," if after else ""}{after}}} '
+        plain = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(self.label_names, values, strict=True)))
+        plain = f"{{{plain}}}" if plain else ""
+        return tuple(f"{head}{le}{tail}" for le in self.le), f"{self.name}_count{plain} ", f"{self.name}_sum{plain} "
+
+    def exposition(self) -> str:
+        """This family in the text format, as ``generate_latest`` writes it."""
+        doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out = [f"# HELP {self.name} {doc}\n# TYPE {self.name} histogram\n"]
+        for values, counts, sum_value in self.rows:
+            buckets, count_prefix, sum_prefix = _PREFIXES.get(self, values)
+            cumulative = list(accumulate(counts))
+            out.extend(map(str.__add__, buckets, map(_count_line, cumulative)))
+            out.append(f"{count_prefix}{count_text(cumulative[-1])}\n{sum_prefix}{floatToGoString(sum_value)}\n")
+        return "".join(out)

@@ -111,35 +111,42 @@ class KernelFacts:
 
     def workload_cflags(self) -> list[str]:
         """Macros for ``workload_id()`` in common.bpf.h; raises BTFError when the hierarchy needs
-        offsets this kernel's BTF cannot give."""
+        offsets this kernel's BTF cannot give. Where BTF has them, the cgroup chain's offsets are
+        always passed: with TASK_BTF the v2 id is then read with plain loads instead of a helper."""
         if self.workload_hierarchy not in (UNIFIED, CPU_V1):
             raise ValueError(f"unknown workload hierarchy {self.workload_hierarchy!r}")
         btf = self.btf
-        flags: list[str] = []
-        if btf is not None:  # task->cgroups also lets probes cache a task's workload (css_set as key)
-            try:
-                flags.append(f"-DTASK_CGROUPS_OFF={btf.member('task_struct', 'cgroups').offset}")
-            except BTFError:
-                if self.workload_hierarchy == CPU_V1:
-                    raise
-        if self.workload_hierarchy == UNIFIED:
-            return flags
         if btf is None:
-            raise BTFError(f"the v1 cpu hierarchy needs kernel BTF ({self.btf_path}) for task->cgroups offsets")
+            if self.workload_hierarchy == CPU_V1:
+                raise BTFError(f"the v1 cpu hierarchy needs kernel BTF ({self.btf_path}) for task->cgroups offsets")
+            return []
+        try:
+            kn_id = btf.member("kernfs_node", "id")
+            if kn_id.size != 8:
+                raise BTFError("kernfs_node.id is not a u64 (kernel < 5.5): cgroup ids are not inode numbers")
+            chain = [
+                f"-DTASK_CGROUPS_OFF={btf.member('task_struct', 'cgroups').offset}",
+                f"-DCGROUP_KN_OFF={btf.member('cgroup', 'kn').offset}",
+                f"-DKN_ID_OFF={kn_id.offset}",
+            ]
+        except BTFError:
+            if self.workload_hierarchy == CPU_V1:
+                raise
+            return []  # the helper, bpf_get_current_cgroup_id(), serves
+        if self.workload_hierarchy == UNIFIED:
+            try:
+                return [*chain, f"-DCSS_SET_DFL_OFF={btf.member('css_set', 'dfl_cgrp').offset}"]
+            except BTFError:
+                return chain
         subsys = btf.member("css_set", "subsys")
         cpu_id = btf.enum_value("cgroup_subsys_id", "cpu_cgrp_id")
         if (cpu_id + 1) * 8 > subsys.size:
             raise BTFError(f"cpu_cgrp_id {cpu_id} outside css_set.subsys ({subsys.size} bytes)")
-        kn_id = btf.member("kernfs_node", "id")
-        if kn_id.size != 8:
-            raise BTFError("kernfs_node.id is not a u64 (kernel < 5.5): v1 cgroup ids are not inode numbers")
         return [
-            *flags,
+            *chain,
             "-DWORKLOAD_V1_CPU",
             f"-DCSS_SET_CPU_OFF={subsys.offset + 8 * cpu_id}",
             f"-DCSS_CGROUP_OFF={btf.member('cgroup_subsys_state', 'cgroup').offset}",
-            f"-DCGROUP_KN_OFF={btf.member('cgroup', 'kn').offset}",
-            f"-DKN_ID_OFF={kn_id.offset}",
         ]
 
 

@@ -7,124 +7,95 @@
  *
  * STRATEGY_SCHEDINFO (raw tracepoint sched_switch only): the kernel itself accounts every wait in
  * task->sched_info (CONFIG_SCHED_INFO; kernel/sched/stats.h sched_info_arrive(): run_delay += the
- * wait, pcount++ at each switch-in). When a task is switched out, the wait that preceded the run
- * now ending is run_delay minus what we saw at its previous switch-out. No clock read, no wakeup
- * hook. Offsets come from BTF at load time:
- *   SCHED_INFO_OFF   offsetof(struct task_struct, sched_info) + offsetof(struct sched_info, pcount)
- *   RUN_DELAY_GAP    offsetof(sched_info, run_delay) - offsetof(sched_info, pcount)
- * The per-task baseline lives in
- *   TASK_BTF (>= 5.11)  BPF task storage: one slot per task, no collisions, freed when the task exits
- *   otherwise           a pid-indexed array of PID_SLOTS (power of two), direct-mapped with a tag:
- *                       two tasks whose pids differ by a multiple of PID_SLOTS evict each other
- *                       (counted as pid_slot_evicted)
+ * wait at each switch-in). The run_delay of the task switched in is noted per CPU; at its
+ * switch-out on the same CPU the difference is the wait before that run. No clock read, no
+ * wakeup hook, no per-task state. Offsets come from BTF at load time:
+ *   RUN_DELAY_OFF    offsetof(struct task_struct, sched_info) + offsetof(struct sched_info, run_delay)
+ *   TASK_PID_OFF     offsetof(struct task_struct, pid)
+ *   TASK_BTF         plain loads through bpf_get_current_task_btf() (>= 5.11), else probe reads
  *
  * STRATEGY_TP (classic tracepoints, no BTF needed): timestamps at sched_wakeup, sched_wakeup_new
- * and preempting sched_switch; the delta at switch-in, in the pid-indexed array. Fields from the
- * tracefs format only.
+ * and preempting sched_switch; the delta at switch-in, in a pid-indexed array of PID_SLOTS (a
+ * power of two), direct-mapped with a tag: tasks whose pids differ by a multiple of PID_SLOTS
+ * evict each other (counted as pid_slot_evicted). Fields from the tracefs format only.
  *
  * Nothing is sent to user space: user space reads the rows when Prometheus scrapes.
  */
 
-#ifdef STRATEGY_SCHEDINFO
-
-struct baseline {
-    u64 pcount;    /* sched_info.pcount at the task's last switch-out; 0 = never seen */
-    u64 run_delay; /* sched_info.run_delay (ns) at the task's last switch-out */
-    u64 key;       /* cache: workload_key() (css_set) when wid was read; 0 = re-read wid */
-    u64 wid;       /* cache: the workload the task last waited in ... */
-    u32 row;       /* ... and that workload's histogram row */
+/*
+ * A per-CPU cache of workload id -> histogram row, direct-mapped (ROW_CACHE entries, a power of
+ * two): the hash lookup in <rows>_row_of() happens once per cgroup per CPU, not per event. Keyed
+ * by the cgroup id (unique, never reused) and checked against the row's owner, so an entry can be
+ * stale but never wrong.
+ */
+struct row_cache {
+    u64 wid;
+    u32 row;
     u32 pad;
 };
+BPF_PERCPU_ARRAY(runqlat_row_cache, struct row_cache, ROW_CACHE);
 
-#ifdef TASK_BTF
-BPF_TASK_STORAGE(runqlat_tasks, struct baseline);
-#else
-struct pid_slot {
-    struct baseline b;
-    u64 task; /* owner tag: task_struct address (pids p and p + PID_SLOTS share a slot) */
-};
-BPF_ARRAY(runqlat_pid_slots, struct pid_slot, PID_SLOTS);
-#endif
-
-/* key: workload_key() of the task, or 0 where there is none (then the id is read every time). */
-static __always_inline void charge(struct baseline *b, u64 key, u64 delta)
+static __always_inline void charge(u64 wid, u64 delta)
 {
-    if (!key || b->key != key) {
-        b->wid = workload_id();
-        b->key = key;
-        b->row = (u32)-1;
-    }
-    if (!runqueue_latency_seconds_owned(b->row, b->wid)) { /* first use, or the row was reclaimed */
-        int row = runqueue_latency_seconds_row_of(b->wid);
+    u32 i = (u32)(wid ^ (wid >> 17)) & (ROW_CACHE - 1);
+    struct row_cache *c = runqlat_row_cache.lookup(&i);
+    if (!c)
+        return;
+    if (c->wid != wid || !runqueue_latency_seconds_owned(c->row, wid)) {
+        int row = runqueue_latency_seconds_row_of(wid);
         if (row < 0)
             return;
-        b->row = row;
+        c->wid = wid;
+        c->row = row;
     }
-    u64 *w = runqueue_latency_seconds_at(b->row);
+    u64 *w = runqueue_latency_seconds_at(c->row);
     if (w)
         hist_add(w, delta);
 }
 
+#ifdef STRATEGY_SCHEDINFO
+
+/*
+ * The task switched in last on this CPU and its run_delay at that moment. trace_sched_switch()
+ * fires in __schedule() before context_switch() -> sched_info_switch() -> sched_info_arrive(next)
+ * adds next's wait to its run_delay; a running task never leaves its CPU, so at its next
+ * switch-out (here, as prev) its run_delay minus this value is exactly the wait that preceded the
+ * run now ending. No per-task state: nothing to collide, nothing to allocate, on any kernel.
+ */
+struct pending {
+    u64 task;   /* task_struct address of the task switched in on this CPU */
+    u64 before; /* its sched_info.run_delay (ns) just before this switch-in's accounting */
+};
+BPF_PERCPU_ARRAY(runqlat_pending, struct pending, 1);
+
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
-    /* prev is current: the tracepoint fires in __schedule() before context_switch(). */
-    u64 delta = 0, key = 0;
-    int have = 0;
+    /* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, ...): prev is current. */
+    u32 zero = 0;
+    struct pending *p = runqlat_pending.lookup(&zero);
+    if (!p)
+        return 0;
 #ifdef TASK_BTF
-    /*
-     * The idle task needs no check: sched_info_switch() never accounts rq->idle, so its pcount
-     * stays 0 and it is never charged (kernel/sched/stats.h).
-     */
     /* BTF-typed pointer: the verifier turns these into plain loads with fault fixup. */
     void *t = (void *)bpf_get_current_task_btf();
-    u64 pcount = *(u64 *)(t + SCHED_INFO_OFF);
-    u64 run_delay = *(u64 *)(t + SCHED_INFO_OFF + RUN_DELAY_GAP);
-#ifdef HAVE_WORKLOAD_KEY
-    key = workload_key(t);
-#endif
-    struct baseline *b = runqlat_tasks.task_storage_get(t, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!b) { /* allocation failed, or the storage lock was busy (recursion on this CPU) */
-        count_stat(STAT_TASK_STORAGE_BUSY);
-        return 0;
-    }
-    if (b->pcount && pcount > b->pcount && run_delay >= b->run_delay) {
-        delta = run_delay - b->run_delay; /* the wait(s) before the run now ending */
-        have = 1;
-    } else if (!b->pcount && pcount == 1) {
-        delta = run_delay; /* a new task's first run: all its run_delay is that first wait */
-        have = 1;
-    } /* else: first sight of a task older than the probe: baseline only */
+    u64 prev = (u64)t;
+    u64 run_delay = *(u64 *)(t + RUN_DELAY_OFF);
+    u32 pid = *(u32 *)(t + TASK_PID_OFF);
+#define CURRENT_WORKLOAD workload_id_of(t)
 #else
+    u64 prev = bpf_get_current_task();
+    u64 run_delay = 0;
+    bpf_probe_read_kernel(&run_delay, sizeof(run_delay), (void *)prev + RUN_DELAY_OFF);
     u32 pid = (u32)bpf_get_current_pid_tgid();
-    if (!pid) /* the idle task of each CPU */
-        return 0;
-    u64 task = bpf_get_current_task();
-    u64 si[1 + RUN_DELAY_GAP / 8] = {};
-    bpf_probe_read_kernel(si, sizeof(si), (void *)task + SCHED_INFO_OFF);
-    u64 pcount = si[0], run_delay = si[RUN_DELAY_GAP / 8];
-    u32 idx = pid & (PID_SLOTS - 1);
-    struct pid_slot *s = runqlat_pid_slots.lookup(&idx);
-    if (!s)
-        return 0;
-    struct baseline *b = &s->b;
-    if (s->task == task && pcount > b->pcount && run_delay >= b->run_delay) {
-        delta = run_delay - b->run_delay;
-        have = 1;
-    } else if (s->task != task && pcount == 1) {
-        delta = run_delay;
-        have = 1;
-    } else if (s->task != task && s->task && pcount > 1) {
-        count_stat(STAT_PID_SLOT_EVICTED); /* or first sight of an older task: baseline only */
-    }
-    if (s->task != task) {
-        s->task = task;
-        b->key = 0; /* the cached workload belonged to the previous owner */
-    }
+#define CURRENT_WORKLOAD workload_id()
 #endif
-    b->pcount = pcount;
-    b->run_delay = run_delay;
-    if (have)
-        charge(b, key, delta);
+    /* pid 0, the idle task: sched_info never accounts it (its run_delay stays 0). */
+    if (p->task == prev && pid && run_delay >= p->before)
+        charge(CURRENT_WORKLOAD, run_delay - p->before);
+    u64 next = ctx->args[2];
+    p->task = next;
+    p->before = 0;
+    bpf_probe_read_kernel(&p->before, sizeof(p->before), (void *)next + RUN_DELAY_OFF);
     return 0;
 }
 
@@ -207,12 +178,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         count_stat(STAT_UNATTRIBUTED);
         return 0;
     }
-    int row = runqueue_latency_seconds_row_of(s->wid);
-    if (row < 0)
-        return 0;
-    u64 *w = runqueue_latency_seconds_at(row);
-    if (w)
-        hist_add(w, delta);
+    charge(s->wid, delta);
     return 0;
 }
 

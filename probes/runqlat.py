@@ -5,8 +5,8 @@ Kernel interfaces, in order of preference (``runqlat.bpf.c`` has both):
 * ``raw_tracepoint``: ``sched:sched_switch`` only. At each switch-out the wait that preceded the
   ending run is read from the kernel's own accounting, ``task->sched_info.run_delay`` (offsets from
   BTF), and charged to the task's workload at that moment - the cgroup it ran in, never a waker's.
-  No clock read and no wakeup hook (cost: README, Overhead). The per-task baseline lives in BPF
-  task storage (>= 5.11, no collisions) or, before 5.11, in a pid-indexed array.
+  No clock read, no wakeup hook and no per-task state (cost: README, Overhead): the run_delay of
+  the task switched in is noted per CPU, and its switch-out on the same CPU gives the delta.
 * ``tracepoint``: ``sched:sched_wakeup``, ``sched_wakeup_new`` and ``sched_switch`` through tracefs
   (no BTF needed): timestamp when runnable, delta at switch-in, charged to the workload the task had
   when it last ran (the waker is ``current`` at wakeup time, not the wakee).
@@ -62,17 +62,18 @@ class RunqlatProbe(Probe):
         Setting(
             "max_pid_slots",
             1 << 18,
-            "bound of the pid-indexed array used before kernel 5.11 and by the tracepoint strategy (40 B each)",
+            "bound of the pid-indexed array of the tracepoint strategy (24 B each)",
             minimum=1024,
             maximum=1 << 22,
             power_of_two=True,
         ),
     )
-    stat_reasons = ("unattributed", "pid_slot_evicted", "task_storage_busy")
+    stat_reasons = ("unattributed", "pid_slot_evicted")
+    row_cache = 256  # per-CPU workload -> row cache entries (16 B each)
 
     def __init__(self, *args: object, task_btf: bool | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.task_btf = task_btf  # None: use bpf_get_current_task_btf() + task storage where available
+        self.task_btf = task_btf  # None: plain loads through bpf_get_current_task_btf() where available
 
     def uses_task_btf(self) -> bool:
         return self.kernel.task_btf if self.task_btf is None else self.task_btf
@@ -87,20 +88,25 @@ class RunqlatProbe(Probe):
             return 1 << 22  # PID_MAX_LIMIT on 64-bit: the slot array is capped anyway
 
     def _sched_info_offsets(self) -> tuple[int, int] | str:
-        """(offset of sched_info.pcount in task_struct, gap to run_delay), or why not available."""
+        """(offset of sched_info.run_delay in task_struct, offset of pid), or why not available."""
         btf = self.kernel.btf
         if btf is None:
             return f"no kernel BTF at {self.kernel.btf_path} for task_struct offsets"
         try:
             base = btf.member("task_struct", "sched_info").offset
-            pcount = btf.member("sched_info", "pcount")
             run_delay = btf.member("sched_info", "run_delay")
         except BTFError as e:
             return f"kernel without CONFIG_SCHED_INFO ({e})"
-        gap = run_delay.offset - pcount.offset
-        if pcount.size != 8 or run_delay.size != 8 or gap <= 0 or gap % 8 or gap > 64:
-            return f"unexpected struct sched_info layout (pcount@{pcount.offset}, run_delay@{run_delay.offset})"
-        return base + pcount.offset, gap
+        try:
+            pid = btf.member("task_struct", "pid")
+        except BTFError as e:
+            return f"no task_struct.pid in BTF ({e})"
+        offset = base + run_delay.offset
+        if run_delay.size != 8 or offset % 8 or pid.size != 4:
+            return (
+                f"unexpected layout (sched_info.run_delay {run_delay.size} B at {offset}, task_struct.pid {pid.size} B)"
+            )
+        return offset, pid.offset
 
     def unsupported(self, strategy: str) -> str | None:
         if strategy == RAW_TRACEPOINT:
@@ -110,14 +116,14 @@ class RunqlatProbe(Probe):
 
     def cflags(self, strategy: str) -> list[str]:
         pid_slots = pid_slots_for(self._pid_max(), self.config["max_pid_slots"])
-        flags = [f"-DPID_SLOTS={pid_slots}"]
+        flags = [f"-DROW_CACHE={self.row_cache}"]
         if strategy == RAW_TRACEPOINT:
             offsets = self._sched_info_offsets()
             if isinstance(offsets, str):
                 raise ValueError(offsets)
-            return [*flags, "-DSTRATEGY_SCHEDINFO", f"-DSCHED_INFO_OFF={offsets[0]}", f"-DRUN_DELAY_GAP={offsets[1]}"]
+            return [*flags, "-DSTRATEGY_SCHEDINFO", f"-DRUN_DELAY_OFF={offsets[0]}", f"-DTASK_PID_OFF={offsets[1]}"]
         if strategy == TRACEPOINT:
-            return [*flags, "-DSTRATEGY_TP", f"-DTASK_REPORT_MASK={TASK_REPORT_MASK:#x}"]
+            return [*flags, f"-DPID_SLOTS={pid_slots}", "-DSTRATEGY_TP", f"-DTASK_REPORT_MASK={TASK_REPORT_MASK:#x}"]
         raise ValueError(f"unknown strategy {strategy!r}")
 
     def _before_load(self, strategy: str) -> None:

@@ -97,7 +97,7 @@ def test_hidden_print_c_shows_the_generated_program(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("// cflags: -DNSLOTS=24 ") and "-DSCHED_INFO_OFF=" in out.stdout
+    assert out.stdout.startswith("// cflags: -DNSLOTS=24 ") and "-DRUN_DELAY_OFF=" in out.stdout
     assert "RAW_TRACEPOINT_PROBE(sched_switch)" in out.stdout
     assert "BPF_PERCPU_ARRAY(runqueue_latency_seconds, struct runqueue_latency_seconds_row, 77)" in out.stdout
 

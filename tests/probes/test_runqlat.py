@@ -32,6 +32,7 @@ class FakeBTF:
     def member(self, struct: str, name: str) -> Member:
         table = {
             ("task_struct", "sched_info"): Member(1008, 48),
+            ("task_struct", "pid"): Member(1500, 4),
             ("sched_info", "pcount"): Member(0, 8),
             ("sched_info", "run_delay"): Member(self.gap, 8),
         }
@@ -74,22 +75,22 @@ def test_render_raw_tracepoint_uses_sched_info_offsets_from_btf(tmp_path: Path) 
     assert "RAW_TRACEPOINT_PROBE(sched_switch)" in text
     assert "BPF_PERCPU_ARRAY(runqueue_latency_seconds, struct runqueue_latency_seconds_row, 64)" in text
     assert "static __always_inline u32 latency_slot(u64 ns)" in text  # the shared prelude comes first
+    assert "runqlat_pid_slots" not in text.split("#ifdef STRATEGY_TP")[0]  # no per-task state
     assert cflags == [
         f"-DNSLOTS={NSLOTS}",
-        "-DNSTATS=4",
+        "-DNSTATS=3",
         "-DSTAT_CGROUP_MAP_FULL=0",
         "-DSTAT_UNATTRIBUTED=1",
         "-DSTAT_PID_SLOT_EVICTED=2",
-        "-DSTAT_TASK_STORAGE_BUSY=3",
-        "-DTASK_BTF",  # task storage for the baseline: no pid collisions
-        "-DPID_SLOTS=262144",
+        "-DTASK_BTF",  # plain loads through bpf_get_current_task_btf()
+        "-DROW_CACHE=256",
         "-DSTRATEGY_SCHEDINFO",
-        "-DSCHED_INFO_OFF=1008",
-        "-DRUN_DELAY_GAP=8",
+        "-DRUN_DELAY_OFF=1016",
+        "-DTASK_PID_OFF=1500",
     ]
 
 
-def test_render_raw_tracepoint_pid_array_before_5_11(tmp_path: Path) -> None:
+def test_render_raw_tracepoint_probe_reads_before_5_11(tmp_path: Path) -> None:
     _, cflags = RunqlatProbe(fake_kernel(tmp_path, FakeBTF(task_btf_helper=False))).render(RAW_TRACEPOINT)
     assert "-DSTRATEGY_SCHEDINFO" in cflags and "-DTASK_BTF" not in cflags
 
@@ -116,7 +117,7 @@ def test_cpu_hierarchy_without_btf_offsets_fails_each_strategy_not_the_agent(tmp
     [
         (None, "no kernel BTF"),
         (FakeBTF(sched_info=False), "CONFIG_SCHED_INFO"),
-        (FakeBTF(gap=12), "unexpected struct sched_info layout"),
+        (FakeBTF(gap=12), "unexpected layout"),
     ],
 )
 def test_raw_tracepoint_unsupported_says_why(tmp_path: Path, btf: FakeBTF | None, reason: str) -> None:

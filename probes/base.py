@@ -158,6 +158,7 @@ class Probe(abc.ABC):
     source_file: str = ""  # C source shipped as package data next to this module
     settings: tuple[Setting, ...] = ()  # --<name>-<setting> flags, passed to __init__ as keywords
     stat_reasons: tuple[str, ...] = ()  # event-loss reasons: STAT_<REASON> in the C
+    info_stats: tuple[str, ...] = ()  # per-CPU counters that are not losses (e.g. fallbacks taken)
 
     def __init__(
         self,
@@ -195,9 +196,13 @@ class Probe(abc.ABC):
         """Per-workload row tables this probe aggregates into (probes/rows.py)."""
         return ()
 
-    def all_stat_reasons(self) -> tuple[str, ...]:
+    def lost_reasons(self) -> tuple[str, ...]:
         reasons = ("cgroup_map_full",) if self.row_sets() else ()
         return tuple(dict.fromkeys((*reasons, *self.stat_reasons)))
+
+    def all_stat_reasons(self) -> tuple[str, ...]:
+        """Every counter of the probe_stats map, in index order: losses first, then info stats."""
+        return (*self.lost_reasons(), *self.info_stats)
 
     @abc.abstractmethod
     def cflags(self, strategy: str) -> list[str]:
@@ -309,8 +314,9 @@ class Probe(abc.ABC):
             "Events a probe could not account, by reason (bounded maps full, unknown owner).",
             labels=["probe", "reason"],
         )
-        for reason, value in self.read_stats().items():
-            lost.add_metric([self.name, reason], value)
+        stats = self.read_stats()
+        for reason in self.lost_reasons():
+            lost.add_metric([self.name, reason], stats[reason])
         return lost
 
     def collect(self) -> Iterable[Metric]:

@@ -69,6 +69,7 @@ class RunqlatProbe(Probe):
         ),
     )
     stat_reasons = ("unattributed", "pid_slot_evicted")
+    info_stats = ("next_probe_read",)  # the incoming task was read with a probe read, not rq->curr
     row_cache = 256  # per-CPU workload -> row cache entries (16 B each)
 
     def __init__(self, *args: object, task_btf: bool | None = None, **kwargs: object) -> None:
@@ -108,6 +109,22 @@ class RunqlatProbe(Probe):
             )
         return offset, pid.offset
 
+    def _rq_curr_cflags(self) -> list[str]:
+        """Offsets of current->se.cfs_rq->rq->curr (the incoming task at sched_switch), or []."""
+        btf = self.kernel.btf
+        if btf is None or not self.uses_task_btf():
+            return []
+        try:
+            se = btf.member("task_struct", "se").offset + btf.member("sched_entity", "cfs_rq").offset
+            return [
+                "-DRQ_CURR_CHAIN",
+                f"-DTASK_SE_CFS_RQ_OFF={se}",
+                f"-DCFS_RQ_RQ_OFF={btf.member('cfs_rq', 'rq').offset}",
+                f"-DRQ_CURR_OFF={btf.member('rq', 'curr').offset}",
+            ]
+        except BTFError:  # no CONFIG_FAIR_GROUP_SCHED (cfs_rq.rq) or another layout: probe reads
+            return []
+
     def unsupported(self, strategy: str) -> str | None:
         if strategy == RAW_TRACEPOINT:
             offsets = self._sched_info_offsets()
@@ -121,7 +138,13 @@ class RunqlatProbe(Probe):
             offsets = self._sched_info_offsets()
             if isinstance(offsets, str):
                 raise ValueError(offsets)
-            return [*flags, "-DSTRATEGY_SCHEDINFO", f"-DRUN_DELAY_OFF={offsets[0]}", f"-DTASK_PID_OFF={offsets[1]}"]
+            return [
+                *flags,
+                "-DSTRATEGY_SCHEDINFO",
+                f"-DRUN_DELAY_OFF={offsets[0]}",
+                f"-DTASK_PID_OFF={offsets[1]}",
+                *self._rq_curr_cflags(),
+            ]
         if strategy == TRACEPOINT:
             return [*flags, f"-DPID_SLOTS={pid_slots}", "-DSTRATEGY_TP", f"-DTASK_REPORT_MASK={TASK_REPORT_MASK:#x}"]
         raise ValueError(f"unknown strategy {strategy!r}")

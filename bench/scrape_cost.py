@@ -103,15 +103,15 @@ def read_cost(rows_in_use: int) -> str:
     ]
     # What grows with a node's CPUs is the summation over per-CPU values (and the kernel's copy of
     # them): time it on a synthetic buffer of the same layout for larger CPU counts.
-    import array
+    import numpy as np
 
     from probes.histogram import ROW_WORDS
     from probes.rows import sum_over_cpus
 
     for cpus in (2, 32, 96):
-        buf = memoryview(array.array("Q", range(rows_in_use * cpus * ROW_WORDS)))
+        values = np.arange(rows_in_use * cpus * ROW_WORDS, dtype=np.uint64).reshape(rows_in_use, cpus, ROW_WORDS)
         t = time.perf_counter()
-        sum_over_cpus(buf, list(range(rows_in_use)), cpus, ROW_WORDS)
+        sum_over_cpus(values, list(range(rows_in_use)))
         el = time.perf_counter() - t
         lines.append(
             f"sum over CPUs, {rows_in_use} rows x {cpus} CPUs: {el * 1e3:.1f} ms "

@@ -21,6 +21,8 @@ import struct
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_TEST_RUN = 10
@@ -54,15 +56,13 @@ def possible_cpus(sys_root: str = "/sys") -> int:
     return highest + 1
 
 
-def lookup_batch(map_fd: int, start: int, count: int, value_size: int, percpu: bool) -> memoryview:
-    """Values of array entries ``start .. start+count-1`` as one buffer of u64 words.
-
-    Layout: entry-major, then CPU (per-CPU maps), then the value's words
-    (``round_up(value_size, 8) / 8`` of them).
-    """
-    stride = (value_size + 7) // 8 * 8
-    per_entry = stride * (possible_cpus() if percpu else 1)
-    values = ctypes.create_string_buffer(per_entry * max(count, 1))
+def lookup_batch(map_fd: int, start: int, count: int, value_size: int, percpu: bool) -> np.ndarray:
+    """Values of array entries ``start .. start+count-1``: a u64 array shaped
+    (entries, CPUs, words) (CPUs = 1 for maps that are not per-CPU; words =
+    ``round_up(value_size, 8) / 8``), a view of the buffer the kernel filled (no copy)."""
+    words = (value_size + 7) // 8
+    cpus = possible_cpus() if percpu else 1
+    values = (ctypes.c_uint64 * (words * cpus * max(count, 1)))()
     keys = (ctypes.c_uint32 * max(count, 1))()
     in_batch = ctypes.c_uint32(start)
     out_batch = ctypes.c_uint32(0)
@@ -89,7 +89,7 @@ def lookup_batch(map_fd: int, start: int, count: int, value_size: int, percpu: b
         got = struct.unpack_from("<I", attr.raw, 32)[0]
         if got != count:
             raise BPFSyscallError(errno.ERANGE, f"batch read {got} of {count} entries from index {start}")
-    return memoryview(values.raw[: per_entry * count]).cast("Q")
+    return np.frombuffer(values, dtype=np.uint64, count=words * cpus * count).reshape(count, cpus, words)
 
 
 def prog_test_run_raw_tp(prog_fd: int, args: tuple[int, ...]) -> int:

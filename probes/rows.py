@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from probes import bpfsys
 from probes.series import Lookup, WorkloadSeries
 
@@ -88,16 +90,14 @@ static __always_inline u64 *{n}_at(u32 row)
 """
 
 
-def sum_over_cpus(buf: memoryview, rows: list[int], ncpu: int, words: int) -> dict[int, list[int]]:
-    """Row -> its words summed over CPUs, from a batch read laid out row, CPU, word."""
-    per_row = ncpu * words
-    flat = buf.tolist()
-    out: dict[int, list[int]] = {}
-    for row in rows:
-        chunk = flat[row * per_row : (row + 1) * per_row]
-        # words of CPU c are chunk[c*words : (c+1)*words]; sum the same word over CPUs
-        out[row] = [sum(chunk[i::words]) for i in range(words)]
-    return out
+def sum_over_cpus(values: np.ndarray, rows: list[int]) -> dict[int, list[int]]:
+    """Row -> its words summed over CPUs, from a batch read shaped (rows, CPUs, words).
+
+    Vectorised: at 96 CPUs and 500 rows that is 1.2 M counters, which summed as Python ints took
+    100 ms (bench/scrape_cost.py); u64 arithmetic wraps exactly as the kernel's counters do.
+    """
+    sums = values.sum(axis=1, dtype=np.uint64)  # the whole span: rows in use are packed low
+    return dict(zip(rows, sums[rows].tolist(), strict=True))
 
 
 class Rows:
@@ -114,15 +114,14 @@ class Rows:
 
     def owners(self) -> list[int]:
         """Workload id owning each row (0: free or being reclaimed)."""
-        return list(bpfsys.lookup_batch(self.owner.get_fd(), 0, self.spec.max_rows, 8, percpu=False))
+        return bpfsys.lookup_batch(self.owner.get_fd(), 0, self.spec.max_rows, 8, percpu=False)[:, 0, 0].tolist()
 
     def read(self, rows: list[int]) -> dict[int, list[int]]:
         """Row -> its words summed over CPUs, for the given rows (one syscall for the range)."""
         if not rows:
             return {}
-        words = self.spec.words
-        buf = bpfsys.lookup_batch(self.values.get_fd(), 0, max(rows) + 1, 8 * words, percpu=True)
-        return sum_over_cpus(buf, rows, bpfsys.possible_cpus(), words)
+        values = bpfsys.lookup_batch(self.values.get_fd(), 0, max(rows) + 1, 8 * self.spec.words, percpu=True)
+        return sum_over_cpus(values, rows)
 
     def unown(self, row: int, wid: int) -> None:
         """Phase 1: no new event can reach ``row`` for ``wid``."""

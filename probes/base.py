@@ -22,7 +22,7 @@ import abc
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -352,6 +352,3 @@ class Probe(abc.ABC):
         if self._bpf is None:
             return {}
         return {name.decode() if isinstance(name, bytes) else name: fn.fd for name, fn in self._bpf.funcs.items()}
-
-
-ProbeFactory = Callable[..., Probe]

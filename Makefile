@@ -3,7 +3,7 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape clean
+.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape bench-throttling clean
 
 deps:
 	@bash scripts/bootstrap.sh run
@@ -21,7 +21,7 @@ lint: test-deps
 test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-overhead bench-scrape
+bench: bench-overhead bench-scrape bench-throttling
 
 bench-overhead:
 	@bash scripts/bootstrap.sh bench
@@ -33,3 +33,7 @@ bench-scrape:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+bench-throttling:
+	@bash scripts/bootstrap.sh bench
+	$(VENV)/bin/python bench/throttling_cost.py $(THROTTLING_ARGS)

@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from agent import __version__
+from agent.collectors.throttling import ThrottlingCollector
 from agent.config import AgentConfig
 from agent.exporter import Exporter, MetricsServer
 from agent.paths import HostPaths
@@ -42,6 +43,16 @@ class ProbeState:
     attach: str = ""
     reason: str = ""  # why it is not up
     skipped: dict[str, str] = field(default_factory=dict)  # strategy -> why it was passed over
+
+
+class FailedUnit:
+    """Stands in for a collector that could not start: every scrape reports it failed, and why."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def collect(self) -> list[Metric]:
+        raise self.error
 
 
 def make_probe(name: str, config: AgentConfig, kernel: KernelFacts, workloads: Workloads) -> Probe:
@@ -72,6 +83,8 @@ class Agent:
         self.exporter.register("agent", self)  # agent-level metrics are isolated like any unit
         self.probes: dict[str, ProbeState] = {}
         self._probes_lock = threading.Lock()
+        self.collectors: dict[str, object] = {}
+        self._start_collectors()
         self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
         self.candidates.extend(extra_probes)
         self.stop_event = threading.Event()
@@ -147,6 +160,20 @@ class Agent:
     def probe_summary(self) -> str:
         return ", ".join(f"{s.name}={s.attach or 'down'}" for s in self.probes.values()) or "none"
 
+    def _start_collectors(self) -> None:
+        """Each collector is a unit; one that cannot start is reported as failing, not fatal."""
+        factories = {
+            "throttling": lambda: ThrottlingCollector(self.paths, self.workloads, self.config.workload_series_grace_s),
+        }
+        for name, factory in factories.items():
+            try:
+                unit = factory()
+            except Exception as e:
+                log.warning("collector %s unavailable: %s: %s", name, type(e).__name__, e)
+                unit = FailedUnit(e)
+            self.collectors[name] = unit
+            self.exporter.register(name, unit)
+
     def start_loading(self) -> None:
         """Load the probes on a thread of their own; the main loop keeps beating meanwhile."""
         self._loader = threading.Thread(target=self.load_probes, name="probe-loader", daemon=True)
@@ -156,11 +183,12 @@ class Agent:
         """Housekeeping of every loaded probe (timer; never on a scrape)."""
         with self._probes_lock:
             loaded = [s.probe for s in self.probes.values() if s.probe is not None]
-        for probe in loaded:
+        units = [(p.name, p) for p in loaded] + [(n, c) for n, c in self.collectors.items() if hasattr(c, "maintain")]
+        for name, unit in units:
             try:
-                probe.maintain()
-            except Exception:  # a probe's bug must not stop the timer or the other probes
-                log.exception("probe %s: housekeeping failed", probe.name)
+                unit.maintain()  # type: ignore[attr-defined]
+            except Exception:  # a unit's bug must not stop the timer or the other units
+                log.exception("%s: housekeeping failed", name)
 
     def close(self) -> None:
         if self.server is not None:
@@ -168,6 +196,9 @@ class Agent:
             self.server = None
         if self._loader is not None:
             self._loader.join()  # never detach while a probe is half loaded
+        for collector in self.collectors.values():
+            if hasattr(collector, "close"):
+                collector.close()
         for state in self.probes.values():
             if state.probe is not None:
                 self.exporter.unregister(state.name)

@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from probes.families import CompactHistogram
+from probes.families import CompactFamily
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,13 @@ def render(families: list[Metric]) -> bytes:
     """The text exposition of ``families``, byte-identical to ``generate_latest``'s.
 
     ``generate_latest`` writes each family independently, so families are rendered one by one: a
-    ``CompactHistogram`` (per-workload histograms, probes/families.py) writes its own text, which
-    at 500 workloads turns a 400 ms scrape into tens of ms; every other family is the library's.
+    ``CompactFamily`` (per-workload histograms, counters and gauges, probes/families.py) writes its
+    own text, which at 500 workloads turns a 400 ms scrape into tens of ms; every other family is
+    the library's.
     """
     parts: list[bytes] = []
     for family in families:
-        if isinstance(family, CompactHistogram) and not family.materialized:
+        if isinstance(family, CompactFamily) and not family.materialized:
             parts.append(family.exposition().encode())
         else:
             parts.append(generate_latest(_Metrics([family])))

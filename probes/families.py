@@ -39,6 +39,16 @@ def count_text(n: int) -> str:
     return f"{mantissa}e+{len(digits) - 1:02d}"
 
 
+def value_text(value: float) -> str:
+    """``floatToGoString(value)``, fast for the common cases: a non-negative int counter, and a
+    finite float below 1e6, for which the library returns ``repr()`` unchanged."""
+    if type(value) is int and value >= 0:
+        return count_text(value)
+    if type(value) is float and -1e300 < value < 1e6:
+        return repr(value)
+    return floatToGoString(value)
+
+
 def _count_line(n: int) -> str:
     return count_text(n) + "\n"
 
@@ -47,7 +57,7 @@ class _Prefixes:
     """Per (family, label set): the text before each bucket's value and before _count/_sum's.
     Kept across scrapes (bounded), since a node's label sets change slowly."""
 
-    LIMIT = 20000
+    LIMIT = 50000
 
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple[tuple[str, ...], str, str]] = {}
@@ -65,7 +75,83 @@ class _Prefixes:
 _PREFIXES = _Prefixes()
 
 
-class CompactHistogram(Metric):
+class CompactFamily(Metric):
+    """A family that writes its own exposition text (``exposition()``) until its ``samples`` are
+    materialized; then the agent renders it the library's way."""
+
+    _samples: list[Sample] | None
+
+    def _materialize(self) -> list[Sample]:
+        raise NotImplementedError
+
+    @property
+    def samples(self) -> list[Sample]:  # type: ignore[override]
+        if self._samples is None:
+            self._samples = self._materialize()
+        return self._samples
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        self._samples = value or None  # Metric.__init__ assigns []
+
+    @property
+    def materialized(self) -> bool:
+        return self._samples is not None
+
+    def _header(self, name: str, kind: str) -> str:
+        doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+    def exposition(self) -> str:
+        raise NotImplementedError
+
+
+def _label_text(names: Sequence[str], values: Sequence[str]) -> str:
+    text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(names, values, strict=True)))
+    return f"{{{text}}}" if text else ""
+
+
+class CompactScalar(CompactFamily):
+    """A counter or gauge family stored as (label values, value) rows. Counters are named without
+    ``_total`` (as ``CounterMetricFamily``); their samples and HELP/TYPE lines carry it."""
+
+    def __init__(self, name: str, documentation: str, kind: str, labels: Sequence[str]) -> None:
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"{name}: kind {kind!r}")
+        super().__init__(name.removesuffix("_total") if kind == "counter" else name, documentation, kind)
+        self.label_names = tuple(labels)
+        self.rows: list[tuple[tuple[str, ...], float]] = []
+        self._sample_name = self.name + ("_total" if kind == "counter" else "")
+
+    def add(self, values: Sequence[str], value: float) -> None:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name}: expected {len(self.label_names)} labels")
+        self.rows.append((tuple(values), value))
+
+    def _materialize(self) -> list[Sample]:
+        return [
+            Sample(self._sample_name, dict(zip(self.label_names, values, strict=True)), value, None, None)
+            for values, value in self.rows
+        ]
+
+    def exposition(self) -> str:
+        out = [self._header(self._sample_name, self.type)]
+        cache = _SCALAR_PREFIXES
+        for values, value in self.rows:
+            key = (self._sample_name, self.label_names, values)
+            prefix = cache.get(key)
+            if prefix is None:
+                if len(cache) >= _Prefixes.LIMIT:
+                    cache.clear()
+                prefix = cache[key] = f"{self._sample_name}{_label_text(self.label_names, values)} "
+            out.append(f"{prefix}{value_text(value)}\n")
+        return "".join(out)
+
+
+_SCALAR_PREFIXES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
+
+
+class CompactHistogram(CompactFamily):
     """Histogram family stored as (label values, per-bucket counts, sum) rows; see module docstring."""
 
     def __init__(self, name: str, documentation: str, labels: Sequence[str], le: Sequence[str] = BUCKET_LE) -> None:
@@ -80,28 +166,17 @@ class CompactHistogram(Metric):
             raise ValueError(f"{self.name}: expected {len(self.le)} counts and {len(self.label_names)} labels")
         self.rows.append((tuple(values), counts, sum_value))
 
-    @property
-    def samples(self) -> list[Sample]:  # type: ignore[override]
-        if self._samples is None:
-            out: list[Sample] = []
-            for values, counts, sum_value in self.rows:
-                labels = dict(zip(self.label_names, values, strict=True))
-                total = 0
-                for le, count in zip(self.le, counts, strict=True):
-                    total += count
-                    out.append(Sample(self.name + "_bucket", {**labels, "le": le}, total, None, None))
-                out.append(Sample(self.name + "_count", dict(labels), total, None))
-                out.append(Sample(self.name + "_sum", dict(labels), sum_value, None))
-            self._samples = out
-        return self._samples
-
-    @samples.setter
-    def samples(self, value: list[Sample]) -> None:
-        self._samples = value or None  # Metric.__init__ assigns []
-
-    @property
-    def materialized(self) -> bool:
-        return self._samples is not None
+    def _materialize(self) -> list[Sample]:
+        out: list[Sample] = []
+        for values, counts, sum_value in self.rows:
+            labels = dict(zip(self.label_names, values, strict=True))
+            total = 0
+            for le, count in zip(self.le, counts, strict=True):
+                total += count
+                out.append(Sample(self.name + "_bucket", {**labels, "le": le}, total, None, None))
+            out.append(Sample(self.name + "_count", dict(labels), total, None))
+            out.append(Sample(self.name + "_sum", dict(labels), sum_value, None))
+        return out
 
     def _prefixes(self, values: tuple[str, ...]) -> tuple[tuple[str, ...], str, str]:
         """(bucket line prefixes, _count prefix, _sum prefix) of one label set; labels sorted by
@@ -118,11 +193,10 @@ class CompactHistogram(Metric):
 
     def exposition(self) -> str:
         """This family in the text format, as ``generate_latest`` writes it."""
-        doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out = [f"# HELP {self.name} {doc}\n# TYPE {self.name} histogram\n"]
+        out = [self._header(self.name, "histogram")]
         for values, counts, sum_value in self.rows:
             buckets, count_prefix, sum_prefix = _PREFIXES.get(self, values)
             cumulative = list(accumulate(counts))
             out.extend(map(str.__add__, buckets, map(_count_line, cumulative)))
-            out.append(f"{count_prefix}{count_text(cumulative[-1])}\n{sum_prefix}{floatToGoString(sum_value)}\n")
+            out.append(f"{count_prefix}{count_text(cumulative[-1])}\n{sum_prefix}{value_text(sum_value)}\n")
         return "".join(out)

@@ -7,12 +7,12 @@ import shutil
 import subprocess
 
 import pytest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.utils import floatToGoString
 
 from agent.exporter import _Metrics, render
-from probes.families import CompactHistogram, count_text
+from probes.families import CompactHistogram, CompactScalar, count_text
 from probes.histogram import BUCKET_LE, NSLOTS, cumulative_buckets
 
 ODD = ["", "a", 'quo"te', "back\\slash", "new\nline", "ünï", "/kubepods.slice/x.scope", "le"]
@@ -64,3 +64,35 @@ def test_promtool_accepts_it() -> None:
     compact, _ = random_family(random.Random(3), ("namespace", "pod", "container", "cgroup"), 5)
     result = subprocess.run([promtool, "check", "metrics"], input=render([compact]), capture_output=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kind", ["counter", "gauge"])
+@pytest.mark.parametrize("label_names", [(), ("namespace", "pod", "container", "cgroup")])
+def test_scalar_exposition_is_byte_identical(kind: str, label_names: tuple[str, ...]) -> None:
+    rng = random.Random(11)
+    compact = CompactScalar(
+        "nodetune_test_total" if kind == "counter" else "nodetune_test", "Doc \\ \n.", kind, label_names
+    )
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    plain = cls("nodetune_test_total" if kind == "counter" else "nodetune_test", "Doc \\ \n.", labels=list(label_names))
+    for _ in range(1 if not label_names else 80):
+        values = tuple(rng.choice(ODD) + str(rng.randrange(9)) for _ in label_names)
+        value = rng.choice([0, 7, 10**7, 10**16 + 3, 0.5, 1e-9, 123456789.25, rng.random() * 1e12])
+        compact.add(values, value)
+        plain.add_metric(list(values), value)
+    want = generate_latest(_Metrics([plain]))
+    assert render([compact]) == want
+    assert compact.samples == plain.samples
+    empty = CompactScalar("nodetune_none", "Nothing.", kind, ("a",))
+    other = cls("nodetune_none", "Nothing.", labels=["a"])
+    assert render([empty]) == generate_latest(_Metrics([other]))
+
+
+def test_value_text_matches_float_to_go_string() -> None:
+    from probes.families import value_text
+
+    rng = random.Random(5)
+    values = [0.0, -0.0, 1e-9, 999999.999, 1e6, 1e6 + 0.5, 123456789.25, 1e16, 1e300, -5.5, -1e7]
+    values += [float("inf"), float("-inf"), float("nan"), 0, 5, 10**6, -3]
+    values += [rng.random() * 10 ** rng.randrange(-12, 20) for _ in range(5000)]
+    assert [value_text(v) for v in values] == [floatToGoString(v) for v in values]

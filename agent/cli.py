@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help=f"HOST:PORT (default 0.0.0.0:{DEFAULT_PORT})")
     _common(run)
     run.add_argument("--max-concurrent-scrapes", type=int, default=4, help="more get HTTP 503 (default 4)")
+    run.add_argument("--node-name", default="", help="this node's name (default: $NODE_NAME)")
+    run.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster inside a pod, else no API)")
     run.add_argument(
         "--workload-series-grace",
         type=float,
@@ -90,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             listen_port=port,
             max_concurrent_scrapes=args.max_concurrent_scrapes,
             workload_series_grace_s=args.workload_series_grace,
+            node_name=args.node_name or os.environ.get("NODE_NAME", ""),
+            kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         )
     return AgentConfig(**kwargs)  # type: ignore[arg-type]
 

@@ -84,6 +84,12 @@ class AgentConfig:
     workload_series_grace_s: float = 300.0
     """Seconds a workload label set is still exported after its last cgroup vanished (a restarting
     container's next cgroup continues the same counters). Default 300: CrashLoopBackOff's cap."""
+    node_name: str = ""
+    """This node's name (``--node-name``, else the ``NODE_NAME`` variable the DaemonSet sets from the
+    downward API). Without it no pods are watched."""
+    kubeconfig: Path | None = None
+    """Kubeconfig for the API server; without it the in-cluster configuration is used inside a pod,
+    and no API at all elsewhere (names stay on the cgroup fallback)."""
     maintain_interval_s: float = 5.0
     """Period of the agent's housekeeping timer (row reclaim, relabelling), jittered by +-20 %."""
 
@@ -107,5 +113,7 @@ class AgentConfig:
                 PROBES[probe].validate_settings(dict(values))
             except SettingError as e:
                 raise ConfigError(str(e)) from None
+        if self.kubeconfig is not None and not self.kubeconfig.is_file():
+            raise ConfigError(f"--kubeconfig {self.kubeconfig}: not a file")
         if not self.host_root.is_dir():
             raise ConfigError(f"--host-root {self.host_root}: not a directory")

@@ -28,6 +28,7 @@ from agent import __version__
 from agent.collectors.throttling import ThrottlingCollector
 from agent.config import AgentConfig
 from agent.exporter import Exporter, MetricsServer
+from agent.kube import KubeWatch, api_client
 from agent.paths import HostPaths
 from agent.workloads import Workloads
 from probes import PROBES
@@ -78,7 +79,9 @@ class Agent:
             cache_dir=config.cache_dir,
             workload_hierarchy=self.hierarchy,
         )
-        self.workloads = Workloads(hierarchy_root)
+        self.stop_event = threading.Event()
+        self.kube = self._kube_watch()
+        self.workloads = Workloads(hierarchy_root, pod_names=self.kube.index if self.kube else None)
         self.exporter = Exporter()
         self.exporter.register("agent", self)  # agent-level metrics are isolated like any unit
         self.probes: dict[str, ProbeState] = {}
@@ -87,7 +90,6 @@ class Agent:
         self._start_collectors()
         self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
         self.candidates.extend(extra_probes)
-        self.stop_event = threading.Event()
         self._heartbeat = time.monotonic()
         self._ready = False
         self._loader: threading.Thread | None = None
@@ -160,11 +162,28 @@ class Agent:
     def probe_summary(self) -> str:
         return ", ".join(f"{s.name}={s.attach or 'down'}" for s in self.probes.values()) or "none"
 
+    def _kube_watch(self) -> KubeWatch | None:
+        """The pod/node watch, or None (one log line says why) on a host without an API."""
+        try:
+            api = api_client(self.config.kubeconfig)
+        except Exception as e:  # a broken kubeconfig or service account: names stay on the fallback
+            log.warning("no Kubernetes API (%s: %s): workloads keep cgroup labels", type(e).__name__, e)
+            return None
+        if api is None:
+            log.info("no Kubernetes API (no --kubeconfig, not in a pod): workloads keep cgroup labels")
+            return None
+        if not self.config.node_name:
+            log.warning("no node name (--node-name or NODE_NAME): pods are not watched")
+            return None
+        return KubeWatch(api, self.config.node_name, self.stop_event)
+
     def _start_collectors(self) -> None:
         """Each collector is a unit; one that cannot start is reported as failing, not fatal."""
         factories = {
             "throttling": lambda: ThrottlingCollector(self.paths, self.workloads, self.config.workload_series_grace_s),
         }
+        if self.kube is not None:
+            factories["kube"] = lambda: self.kube
         for name, factory in factories.items():
             try:
                 unit = factory()
@@ -175,7 +194,10 @@ class Agent:
             self.exporter.register(name, unit)
 
     def start_loading(self) -> None:
-        """Load the probes on a thread of their own; the main loop keeps beating meanwhile."""
+        """Load the probes on a thread of their own (and start the API watch); the main loop keeps
+        beating meanwhile."""
+        if self.kube is not None:
+            self.kube.start()
         self._loader = threading.Thread(target=self.load_probes, name="probe-loader", daemon=True)
         self._loader.start()
 
@@ -196,6 +218,9 @@ class Agent:
             self.server = None
         if self._loader is not None:
             self._loader.join()  # never detach while a probe is half loaded
+        if self.kube is not None:
+            self.stop_event.set()
+            self.kube.join()
         for collector in self.collectors.values():
             if hasattr(collector, "close"):
                 collector.close()

@@ -354,11 +354,11 @@ class ThrottlingCollector:
             (THROTTLED, 1, "nodetune_cpu_cfs_throttled_periods", "CFS periods in which the cgroup used up its quota."),
             (
                 THROTTLED_NS,
-                1e-9,
+                1e9,
                 "nodetune_cpu_cfs_throttled_seconds",
                 "Time the cgroup's run queues were throttled (summed over CPUs).",
             ),
-            (USAGE_NS, 1e-9, "nodetune_cpu_usage_seconds", "CPU time the cgroup used."),
+            (USAGE_NS, 1e9, "nodetune_cpu_usage_seconds", "CPU time the cgroup used."),
         ]
         has_burst = any(s.has_burst for s, _l in current.values())
         if has_burst:
@@ -366,7 +366,7 @@ class ThrottlingCollector:
                 (BURSTS, 1, "nodetune_cpu_cfs_bursts", "CFS periods in which the cgroup used its burst (5.14+)."),
                 (
                     BURST_NS,
-                    1e-9,
+                    1e9,
                     "nodetune_cpu_cfs_burst_seconds",
                     "CPU time the cgroup used beyond its quota (5.14+).",
                 ),
@@ -376,7 +376,7 @@ class ThrottlingCollector:
         for index, scale, name, doc in counters:
             family = CompactScalar(name, doc, "counter", names)
             for labels, v in ordered:
-                family.add(labels, v[index] if scale == 1 else v[index] * scale)
+                family.add(labels, v[index] if scale == 1 else v[index] / scale)
             out.append(family)
         limit = CompactScalar("nodetune_cpu_limit_cores", "CFS quota / period: the CPU limit in cores.", "gauge", names)
         burst = CompactScalar("nodetune_cpu_cfs_burst_cores", "CFS burst / period, in cores (5.14+).", "gauge", names)

@@ -9,12 +9,14 @@ import subprocess
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 
 from agent.config import AgentConfig
 from agent.daemon import Agent
+from agent.paths import HostPaths
 from probes.base import KernelFacts, Probe
 from tests.conftest import BUSY, SLEEPER, free_port, http_get, parse_metrics, run_delay_ns
 
@@ -218,3 +220,59 @@ def test_scrapes_have_no_side_effects(agent_process, make_cgroup) -> None:
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200
     assert series(agent.metrics(), cg.rel) == series(agent.metrics(), cg.rel) == first
+
+
+@pytest.mark.bpf
+def test_pod_names_from_the_api_label_runqlat_and_throttling(agent_process, tmp_path: Path) -> None:
+    """End to end: nodetune run against a local API server; a task in a pod-shaped cgroup (v2 for
+    runqlat, v1 cpu/cpuacct for throttling) gets its pod's names on both signals."""
+    from tests.fake_apiserver import FakeAPIServer, pod
+
+    paths = HostPaths()
+    uid, cid = "0a1b2c3d-0000-4000-8000-00000000e2e0", "e" * 64
+    rel = f"/nodetune-test-e2e-{uuid.uuid4().hex[:8]}/kubepods/burstable/pod{uid}/{cid}"
+    roots = [r for r in (paths.cgroup_v2(), paths.cgroup_v1("cpu"), paths.cgroup_v1("cpuacct")) if r is not None]
+    dirs = [root / rel.lstrip("/") for root in roots]
+    for d in dirs:
+        d.mkdir(parents=True)
+    server = FakeAPIServer().start()
+    server.put("pods", pod(uid, "redis-0", "n1", {"redis": cid}, namespace="cache"))
+    proc = None
+    try:
+
+        def enter() -> None:
+            for d in dirs:
+                (d / "cgroup.procs").write_text(str(os.getpid()))
+
+        proc = subprocess.Popen(BUSY, preexec_fn=enter)
+        agent = agent_process("--kubeconfig", str(server.kubeconfig(tmp_path)), "--node-name", "n1")
+        names = {"namespace": "cache", "pod": "redis-0", "container": "redis", "cgroup": ""}
+        deadline = time.monotonic() + 30
+        while True:
+            m = agent.metrics()
+            runq = [s for s in m.get(HIST, []) if s.name.endswith("_count") and s.labels == names]
+            thr = [s for s in m.get("nodetune_cpu_usage_seconds", []) if s.labels == names]
+            if runq and thr:
+                break
+            assert time.monotonic() < deadline, f"no named series: {[s.labels for s in m.get(HIST, [])][:5]}"
+            time.sleep(0.5)
+        assert runq[0].value > 0 and thr[0].value > 0
+        assert m["nodetune_kube_pods"][0].value == 1
+        assert {s.labels.get("collector"): s.value for s in m["nodetune_scrape_collector_success"]}["kube"] == 1
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+        for d in dirs:
+            for sub in [d, *d.parents]:
+                if "nodetune-test-e2e" not in str(sub):
+                    break
+                for _ in range(50):
+                    try:
+                        sub.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.1)

@@ -3,7 +3,7 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape bench-throttling clean
+.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape bench-throttling bench-storm clean
 
 deps:
 	@bash scripts/bootstrap.sh run
@@ -21,7 +21,7 @@ lint: test-deps
 test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-overhead bench-scrape bench-throttling
+bench: bench-overhead bench-scrape bench-throttling bench-storm
 
 bench-overhead:
 	@bash scripts/bootstrap.sh bench
@@ -37,3 +37,7 @@ clean:
 bench-throttling:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/python bench/throttling_cost.py $(THROTTLING_ARGS)
+
+bench-storm:
+	@bash scripts/bootstrap.sh bench
+	$(VENV)/bin/python bench/api_storm.py $(STORM_ARGS)

@@ -276,3 +276,21 @@ def test_pod_names_from_the_api_label_runqlat_and_throttling(agent_process, tmp_
                         break
                     except OSError:
                         time.sleep(0.1)
+
+
+@pytest.mark.bpf
+def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> None:
+    """An API server that refuses connections: errors counted with backoff, everything else runs."""
+    from tests.fake_apiserver import FakeAPIServer
+
+    with FakeAPIServer() as dead:  # bound, never served, closed: its port refuses
+        kubeconfig = dead.kubeconfig(tmp_path)
+    agent = agent_process("--kubeconfig", str(kubeconfig), "--node-name", "n1")
+    time.sleep(8)  # past the start-up jitter: a few failed attempts
+    assert http_get(agent.url + "/healthz")[0] == 200
+    m = agent.metrics()
+    refused = [s.value for s in m["nodetune_kube_watch_errors"] if s.labels["code"] == "refused"]
+    assert refused and 1 <= refused[0] <= 20  # two reflectors backing off (a spinning client: thousands)
+    success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
+    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "kube": 1.0}
+    assert HIST in m

@@ -375,8 +375,11 @@ class ThrottlingCollector:
         ordered = sorted(totals.items())
         for index, scale, name, doc in counters:
             family = CompactScalar(name, doc, "counter", names)
-            for labels, v in ordered:
-                family.add(labels, v[index] if scale == 1 else v[index] / scale)
+            # rows built in bulk: label tuples from the series accounting have the right width
+            if scale == 1:
+                family.rows = [(labels, v[index]) for labels, v in ordered]
+            else:
+                family.rows = [(labels, v[index] / scale) for labels, v in ordered]
             out.append(family)
         limit = CompactScalar("nodetune_cpu_limit_cores", "CFS quota / period: the CPU limit in cores.", "gauge", names)
         burst = CompactScalar("nodetune_cpu_cfs_burst_cores", "CFS burst / period, in cores (5.14+).", "gauge", names)

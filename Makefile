@@ -31,9 +31,6 @@ bench-scrape:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/python bench/scrape_cost.py $(SCRAPE_ARGS)
 
-clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
-
 bench-throttling:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/python bench/throttling_cost.py $(THROTTLING_ARGS)
@@ -41,3 +38,6 @@ bench-throttling:
 bench-storm:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/python bench/api_storm.py $(STORM_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

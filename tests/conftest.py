@@ -107,17 +107,55 @@ class TestCgroup:
             child.remove()
         self.children.clear()
         self.stop()
-        if not self.path.exists():
+        rmdir_cgroup(self.path)
+
+
+def rmdir_cgroup(path: Path) -> None:
+    """Remove an empty cgroup directory; exiting tasks leave it asynchronously, so retry a while."""
+    for _ in range(50):
+        try:
+            path.rmdir()
             return
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)  # exiting tasks leave the cgroup asynchronously
-        self.path.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    path.rmdir()
+
+
+class SpreadCgroup:
+    """One relative cgroup path made in several hierarchies (v2, v1 cpu, v1 cpuacct ...), with its
+    tasks in all of them, as a kubelet with the cgroupfs driver on a hybrid host does.
+    ``remove()`` ends its tasks by pid and removes every directory it made, deepest first."""
+
+    def __init__(self, roots: list[Path], rel: str) -> None:
+        self.rel = rel
+        self.dirs = [root / rel.lstrip("/") for root in roots]
+        self.made: list[Path] = []
+        for d in self.dirs:
+            missing = [p for p in [d, *d.parents] if not p.exists()]
+            d.mkdir(parents=True)
+            self.made.extend(missing)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        files = [str(d / "cgroup.procs") for d in self.dirs]
+
+        def enter() -> None:  # runs in the child between fork and exec
+            for f in files:
+                with open(f, "w") as fh:
+                    fh.write(str(os.getpid()))
+
+        proc = subprocess.Popen(argv, preexec_fn=enter)
+        self.procs.append(proc)
+        return proc
+
+    def remove(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        for d in sorted(self.made, key=lambda p: -len(p.parts)):
+            rmdir_cgroup(d)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.paths import HostPaths
 from probes.base import KernelFacts, Probe
-from tests.conftest import BUSY, SLEEPER, free_port, http_get, parse_metrics, run_delay_ns
+from tests.conftest import BUSY, SLEEPER, SpreadCgroup, free_port, http_get, parse_metrics, run_delay_ns
 
 HIST = "nodetune_runqueue_latency_seconds"
 
@@ -232,19 +232,11 @@ def test_pod_names_from_the_api_label_runqlat_and_throttling(agent_process, tmp_
     uid, cid = "0a1b2c3d-0000-4000-8000-00000000e2e0", "e" * 64
     rel = f"/nodetune-test-e2e-{uuid.uuid4().hex[:8]}/kubepods/burstable/pod{uid}/{cid}"
     roots = [r for r in (paths.cgroup_v2(), paths.cgroup_v1("cpu"), paths.cgroup_v1("cpuacct")) if r is not None]
-    dirs = [root / rel.lstrip("/") for root in roots]
-    for d in dirs:
-        d.mkdir(parents=True)
+    cg = SpreadCgroup(roots, rel)
     server = FakeAPIServer().start()
     server.put("pods", pod(uid, "redis-0", "n1", {"redis": cid}, namespace="cache"))
-    proc = None
     try:
-
-        def enter() -> None:
-            for d in dirs:
-                (d / "cgroup.procs").write_text(str(os.getpid()))
-
-        proc = subprocess.Popen(BUSY, preexec_fn=enter)
+        cg.spawn(BUSY)
         agent = agent_process("--kubeconfig", str(server.kubeconfig(tmp_path)), "--node-name", "n1")
         names = {"namespace": "cache", "pod": "redis-0", "container": "redis", "cgroup": ""}
         deadline = time.monotonic() + 30
@@ -260,22 +252,8 @@ def test_pod_names_from_the_api_label_runqlat_and_throttling(agent_process, tmp_
         assert m["nodetune_kube_pods"][0].value == 1
         assert {s.labels.get("collector"): s.value for s in m["nodetune_scrape_collector_success"]}["kube"] == 1
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
         server.stop()
-        for d in dirs:
-            for sub in [d, *d.parents]:
-                if "nodetune-test-e2e" not in str(sub):
-                    break
-                for _ in range(50):
-                    try:
-                        sub.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.1)
+        cg.remove()
 
 
 @pytest.mark.bpf

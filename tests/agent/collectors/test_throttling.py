@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 from agent.collectors.throttling import ThrottlingCollector, parse_stat
 from agent.paths import HostPaths
 from agent.workloads import Workloads
-from tests.conftest import BUSY
+from tests.conftest import BUSY, SpreadCgroup
 
 POD = "pod0a1b2c3d-0000-4000-8000-0000000000aa"
 
@@ -29,52 +27,17 @@ def family(collector: ThrottlingCollector, name: str) -> dict[tuple[str, ...], f
     return {}
 
 
-class V1Cgroup:
-    """The same relative path in the v1 cpu and cpuacct hierarchies, with tasks in both."""
-
-    def __init__(self, paths: HostPaths, rel: str) -> None:
-        self.rel = rel
-        self.dirs = [root / rel.lstrip("/") for root in (paths.cgroup_v1("cpu"), paths.cgroup_v1("cpuacct")) if root]
-        for d in self.dirs:
-            d.mkdir(parents=True)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, argv: list[str]) -> None:
-        files = [str(d / "cgroup.procs") for d in self.dirs]
-
-        def enter() -> None:
-            for f in files:
-                with open(f, "w") as fh:
-                    fh.write(str(os.getpid()))
-
-        self.procs.append(subprocess.Popen(argv, preexec_fn=enter))
-
-    def remove(self) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
-        for d in self.dirs:
-            for sub in sorted((p for p in [d, *d.parents] if "nodetune-test" in str(p)), key=lambda p: -len(p.parts)):
-                for _ in range(50):
-                    try:
-                        sub.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.1)
-
-
 @pytest.fixture
 def v1_pod():
     paths = HostPaths()
     if paths.cgroup_v1("cpu") is None:
         pytest.skip("no v1 cpu hierarchy")
-    made: list[V1Cgroup] = []
+    made: list[SpreadCgroup] = []
+    roots = [r for r in (paths.cgroup_v1("cpu"), paths.cgroup_v1("cpuacct")) if r is not None]
 
-    def make(container: str) -> V1Cgroup:
+    def make(container: str) -> SpreadCgroup:
         top = f"/nodetune-test-thr-{uuid.uuid4().hex[:8]}"
-        cg = V1Cgroup(paths, f"{top}/kubepods/burstable/{POD}/{container}")
+        cg = SpreadCgroup(roots, f"{top}/kubepods/burstable/{POD}/{container}")
         made.append(cg)
         return cg
 

@@ -102,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def cmd_probes(config: AgentConfig, as_json: bool, print_c: str | None) -> int:
     from agent.daemon import Agent
 
-    agent = Agent(config)
+    agent = Agent(config, collectors=False)
     if print_c:
         probe = next((p for p in agent.candidates if p.name == print_c), None)
         if probe is None:

@@ -68,7 +68,8 @@ def make_probe(name: str, config: AgentConfig, kernel: KernelFacts, workloads: W
 class Agent:
     """The daemon's state: probes, identity service, exporter, server."""
 
-    def __init__(self, config: AgentConfig, extra_probes: Iterable[Probe] = ()) -> None:
+    def __init__(self, config: AgentConfig, extra_probes: Iterable[Probe] = (), collectors: bool = True) -> None:
+        """``collectors=False`` (``nodetune probes``): probes only, no collectors and no API watch."""
         self.config = config
         self.paths = HostPaths(config.host_root)
         self.hierarchy, hierarchy_root = self.paths.workload_hierarchy(config.cgroup_hierarchy)
@@ -80,14 +81,15 @@ class Agent:
             workload_hierarchy=self.hierarchy,
         )
         self.stop_event = threading.Event()
-        self.kube = self._kube_watch()
+        self.kube = self._kube_watch() if collectors else None
         self.workloads = Workloads(hierarchy_root, pod_names=self.kube.index if self.kube else None)
         self.exporter = Exporter()
         self.exporter.register("agent", self)  # agent-level metrics are isolated like any unit
         self.probes: dict[str, ProbeState] = {}
         self._probes_lock = threading.Lock()
         self.collectors: dict[str, object] = {}
-        self._start_collectors()
+        if collectors:
+            self._start_collectors()
         self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
         self.candidates.extend(extra_probes)
         self._heartbeat = time.monotonic()

@@ -426,7 +426,8 @@ class KubeWatch:
         )
         merged: dict[str, int] = {}
         for reflector in (self.pods, self.node):
-            for code, n in reflector.stats.errors.items():
+            # dict() copies in one step under the GIL; the reflector's thread may add a code meanwhile
+            for code, n in dict(reflector.stats.errors).items():
                 merged[code] = merged.get(code, 0) + n
         for code, n in sorted(merged.items()):
             errors.add_metric([code], n)

@@ -25,10 +25,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from agent import __version__
+from agent.collectors.listen import ListenCollector
 from agent.collectors.throttling import ThrottlingCollector
 from agent.config import AgentConfig
 from agent.exporter import Exporter, MetricsServer
 from agent.kube import KubeWatch, api_client
+from agent.netns import NetnsIndex
 from agent.paths import HostPaths
 from agent.workloads import Workloads
 from probes import PROBES
@@ -73,6 +75,7 @@ class Agent:
         self.config = config
         self.paths = HostPaths(config.host_root)
         self.hierarchy, hierarchy_root = self.paths.workload_hierarchy(config.cgroup_hierarchy)
+        self.hierarchy_root = hierarchy_root
         self.kernel = KernelFacts(
             host_root=self.paths.root,
             sys_root=self.paths.sys,
@@ -181,8 +184,10 @@ class Agent:
 
     def _start_collectors(self) -> None:
         """Each collector is a unit; one that cannot start is reported as failing, not fatal."""
+        grace = self.config.workload_series_grace_s
         factories = {
-            "throttling": lambda: ThrottlingCollector(self.paths, self.workloads, self.config.workload_series_grace_s),
+            "throttling": lambda: ThrottlingCollector(self.paths, self.workloads, grace),
+            "listen": lambda: ListenCollector(NetnsIndex(self.paths, self.workloads, self.hierarchy_root), grace),
         }
         if self.kube is not None:
             factories["kube"] = lambda: self.kube

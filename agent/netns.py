@@ -12,9 +12,14 @@ followed with inotify (``agent/cgroup_tree.py``), so a refresh reads one ``cgrou
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import socket
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.cgroup_tree import CgroupTree
@@ -24,6 +29,53 @@ from agent.workloads import Workloads, parse_cgroup_path
 log = logging.getLogger(__name__)
 
 NETNS_LABELS = ("namespace", "pod", "netns")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@dataclass
+class NetnsHandles:
+    """What the collectors read in one namespace, opened once from inside it and then read from
+    any thread: a sock_diag socket (a netlink socket belongs to the namespace it was made in), the
+    namespace's ``/proc/net/netstat`` (procfs net files keep the namespace of their opener) and
+    its ``net.core.somaxconn`` (per namespace since 4.x). No setns and no fork per scrape."""
+
+    diag: socket.socket
+    netstat_fd: int
+    somaxconn_fd: int
+
+    def close(self) -> None:
+        self.diag.close()
+        os.close(self.netstat_fd)
+        os.close(self.somaxconn_fd)
+
+
+def open_handles(ns_path: str) -> NetnsHandles:
+    """Enter the namespace at ``ns_path`` on a short-lived thread of its own and open the handles."""
+    result: dict[str, object] = {}
+
+    def enter() -> None:
+        try:
+            fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {ns_path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+            netstat = os.open("/proc/thread-self/net/netstat", os.O_RDONLY | os.O_CLOEXEC)
+            somaxconn = os.open("/proc/sys/net/core/somaxconn", os.O_RDONLY | os.O_CLOEXEC)
+            result["handles"] = NetnsHandles(diag, netstat, somaxconn)
+        except OSError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=enter, name="netns-open", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["handles"]  # type: ignore[return-value]
 
 
 def netns_inode(link: str) -> int | None:
@@ -36,8 +88,15 @@ def netns_inode(link: str) -> int | None:
 class NetnsIndex:
     """netns inode -> pod UID (and named / host namespaces); ``refresh()`` on the agent's timer."""
 
-    def __init__(self, paths: HostPaths, workloads: Workloads, hierarchy_root: Path | None) -> None:
+    def __init__(
+        self, paths: HostPaths, workloads: Workloads, hierarchy_root: Path | None, scan_s: float = 60.0
+    ) -> None:
         self.paths = paths
+        self.scan_s = scan_s
+        self._scanned_at = float("-inf")
+        self.others: dict[int, str] = {}  # inode -> /proc/<pid>/ns/net of a process holding it
+        self.where: dict[int, str] = {}  # every known namespace -> a path to enter it by
+        self.handles: dict[int, NetnsHandles] = {}
         self.workloads = workloads
         self.tree = CgroupTree(hierarchy_root) if hierarchy_root is not None else None
         self.root = hierarchy_root
@@ -76,6 +135,21 @@ class NetnsIndex:
                 return None
         return host
 
+    def _scan_processes(self) -> dict[int, str]:
+        """Namespaces held by any process (the slow path, every ``scan_s``): one readlink per pid."""
+        found: dict[int, str] = {}
+        try:
+            entries = os.scandir(self.paths.proc)
+        except OSError:
+            return found
+        with entries:
+            for entry in entries:
+                if entry.name.isdigit():
+                    inode = self._ns_of(int(entry.name))
+                    if inode is not None and inode not in found:
+                        found[inode] = f"{entry.path}/ns/net"
+        return found
+
     def refresh(self) -> None:
         host = self._host_ns()
         named: dict[int, str] = {}
@@ -105,8 +179,32 @@ class NetnsIndex:
                 if inode is not None and inode != host:  # a hostNetwork pod shares the host's
                     pods[inode] = path
                     by_pod[uid] = inode
+        if time.monotonic() - self._scanned_at >= self.scan_s:
+            self.others = self._scan_processes()
+            self._scanned_at = time.monotonic()
+        where: dict[int, str] = dict(self.others)
+        where.update({inode: str(netns_dir / name) for inode, name in named.items()})
+        for inode, path in pods.items():
+            pid = self._pid_of(path)
+            if pid is not None:
+                where[inode] = str(self.paths.proc / str(pid) / "ns" / "net")
+        if host is not None:
+            where[host] = "/proc/self/ns/net" if self._ns_of(1) is None else str(self.paths.proc / "1/ns/net")
+        # keep only namespaces that still exist: a pod's or named one found now, or any other
+        # whose holder is still alive
+        where = {i: p for i, p in where.items() if i in pods or i in named or i == host or os.path.exists(p)}
+        opened = dict(self.handles)
+        for inode in set(opened) - set(where):
+            opened.pop(inode).close()
+        for inode, path in where.items():
+            if inode not in opened:
+                try:
+                    opened[inode] = open_handles(path)
+                except OSError as e:  # gone meanwhile, or not permitted: skipped, tried next tick
+                    log.debug("netns %s: %s", inode, e)
         with self._lock:
             self.host, self.named, self.pods, self._by_pod = host, named, pods, by_pod
+            self.where, self.handles = where, opened
 
     def labels(self, inode: int) -> tuple[str, str, str]:
         """(namespace, pod, netns) of a network namespace, per the contract."""
@@ -123,6 +221,13 @@ class NetnsIndex:
                 return ("", "", name)
             return ("", "", f"net:[{inode}]")
 
+    def snapshot(self) -> dict[int, NetnsHandles]:
+        with self._lock:
+            return dict(self.handles)
+
     def close(self) -> None:
         if self.tree is not None:
             self.tree.close()
+        for handles in self.handles.values():
+            handles.close()
+        self.handles = {}

@@ -3,7 +3,7 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape bench-throttling bench-storm clean
+.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network clean
 
 deps:
 	@bash scripts/bootstrap.sh run
@@ -21,7 +21,7 @@ lint: test-deps
 test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-overhead bench-scrape bench-throttling bench-storm
+bench: bench-overhead bench-scrape bench-throttling bench-storm bench-network
 
 bench-overhead:
 	@bash scripts/bootstrap.sh bench
@@ -38,6 +38,11 @@ bench-throttling:
 bench-storm:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/python bench/api_storm.py $(STORM_ARGS)
+
+bench-network:
+	@bash scripts/bootstrap.sh bench
+	$(VENV)/bin/python bench/network_cost.py $(NETWORK_ARGS)
+	$(VENV)/bin/python bench/network_cost.py --child-ehash 1024 $(NETWORK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--max-concurrent-scrapes", type=int, default=4, help="more get HTTP 503 (default 4)")
     run.add_argument("--node-name", default="", help="this node's name (default: $NODE_NAME)")
+    run.add_argument(
+        "--ports-top-destinations", type=int, default=5, help="destinations per namespace with a series (default 5)"
+    )
     run.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster inside a pod, else no API)")
     run.add_argument(
         "--workload-series-grace",
@@ -94,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             max_concurrent_scrapes=args.max_concurrent_scrapes,
             workload_series_grace_s=args.workload_series_grace,
             node_name=args.node_name or os.environ.get("NODE_NAME", ""),
+            ports_top_destinations=args.ports_top_destinations,
             kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
         )
     return AgentConfig(**kwargs)  # type: ignore[arg-type]

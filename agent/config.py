@@ -90,6 +90,9 @@ class AgentConfig:
     kubeconfig: Path | None = None
     """Kubeconfig for the API server; without it the in-cluster configuration is used inside a pod,
     and no API at all elsewhere (names stay on the cgroup fallback)."""
+    ports_top_destinations: int = 5
+    """Destinations per network namespace exported by ``nodetune_ephemeral_ports_in_use`` (the busiest;
+    saturation covers all of them). Bounds label cardinality: namespaces x this."""
     maintain_interval_s: float = 5.0
     """Period of the agent's housekeeping timer (row reclaim, relabelling), jittered by +-20 %."""
 
@@ -104,6 +107,8 @@ class AgentConfig:
             )
         if not 0 <= self.workload_series_grace_s <= 86400:
             raise ConfigError("--workload-series-grace must be within 0-86400 seconds")
+        if not 1 <= self.ports_top_destinations <= 100:
+            raise ConfigError("--ports-top-destinations must be within 1-100")
         if not 0.1 <= self.maintain_interval_s <= 3600:
             raise ConfigError("maintain interval must be within 0.1-3600 seconds")
         for probe, values in self.probe_settings.items():

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 
 from agent import __version__
 from agent.collectors.listen import ListenCollector
+from agent.collectors.ports import PortsCollector
 from agent.collectors.throttling import ThrottlingCollector
 from agent.config import AgentConfig
 from agent.exporter import Exporter, MetricsServer
@@ -185,9 +186,17 @@ class Agent:
     def _start_collectors(self) -> None:
         """Each collector is a unit; one that cannot start is reported as failing, not fatal."""
         grace = self.config.workload_series_grace_s
+        netns: list[NetnsIndex] = []  # one discovery for both network collectors (listen refreshes it)
+
+        def network_namespaces() -> NetnsIndex:
+            if not netns:
+                netns.append(NetnsIndex(self.paths, self.workloads, self.hierarchy_root))
+            return netns[0]
+
         factories = {
             "throttling": lambda: ThrottlingCollector(self.paths, self.workloads, grace),
-            "listen": lambda: ListenCollector(NetnsIndex(self.paths, self.workloads, self.hierarchy_root), grace),
+            "listen": lambda: ListenCollector(network_namespaces(), grace),
+            "ports": lambda: PortsCollector(network_namespaces(), self.config.ports_top_destinations),
         }
         if self.kube is not None:
             factories["kube"] = lambda: self.kube

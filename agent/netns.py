@@ -43,11 +43,16 @@ class NetnsHandles:
     diag: socket.socket
     netstat_fd: int
     somaxconn_fd: int
+    port_range_fd: int  # net.ipv4.ip_local_port_range (per namespace)
+    reserved_fd: int  # net.ipv4.ip_local_reserved_ports (per namespace)
+
+    def read(self, fd: int) -> str:
+        return os.pread(fd, 1 << 16, 0).decode()
 
     def close(self) -> None:
         self.diag.close()
-        os.close(self.netstat_fd)
-        os.close(self.somaxconn_fd)
+        for fd in (self.netstat_fd, self.somaxconn_fd, self.port_range_fd, self.reserved_fd):
+            os.close(fd)
 
 
 def open_handles(ns_path: str) -> NetnsHandles:
@@ -65,8 +70,11 @@ def open_handles(ns_path: str) -> NetnsHandles:
                 os.close(fd)
             diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
             netstat = os.open("/proc/thread-self/net/netstat", os.O_RDONLY | os.O_CLOEXEC)
-            somaxconn = os.open("/proc/sys/net/core/somaxconn", os.O_RDONLY | os.O_CLOEXEC)
-            result["handles"] = NetnsHandles(diag, netstat, somaxconn)
+            flags = os.O_RDONLY | os.O_CLOEXEC
+            somaxconn = os.open("/proc/sys/net/core/somaxconn", flags)
+            port_range = os.open("/proc/sys/net/ipv4/ip_local_port_range", flags)
+            reserved = os.open("/proc/sys/net/ipv4/ip_local_reserved_ports", flags)
+            result["handles"] = NetnsHandles(diag, netstat, somaxconn, port_range, reserved)
         except OSError as e:
             result["error"] = e
 

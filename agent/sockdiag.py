@@ -44,9 +44,30 @@ def _address(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def dump(sock: socket.socket, family: int, states: int, seq: int = 1) -> list[DiagSocket]:
-    """Every TCP socket of ``family`` whose state bit is in ``states`` (1 << TCP_* values)."""
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE = 2, 3
+ALL_STATES = 0xFFF  # TCP_ESTABLISHED (1) .. TCP_NEW_SYN_RECV (12)
+
+
+def sport_range_bytecode(low: int, high: int) -> bytes:
+    """An inet_diag filter program ``low <= sport <= high`` (net/ipv4/inet_diag.c inet_diag_bc_run:
+    an op jumps ``yes`` bytes on a match, ``no`` on a miss; ending exactly at the program's end
+    accepts, jumping 4 bytes past it rejects). Each comparison is an op followed by an op that
+    carries the port in ``no``."""
+    length = 16
+    prog = struct.pack("=BBH", INET_DIAG_BC_S_GE, 8, length + 4) + struct.pack("=BBH", 0, 0, low)
+    prog += struct.pack("=BBH", INET_DIAG_BC_S_LE, 8, length - 8 + 4) + struct.pack("=BBH", 0, 0, high)
+    return prog
+
+
+def dump(
+    sock: socket.socket, family: int, states: int, seq: int = 1, bytecode: bytes | None = None
+) -> list[DiagSocket]:
+    """Every TCP socket of ``family`` whose state bit is in ``states`` (1 << TCP_* values), and
+    that passes ``bytecode`` if given (filtered in the kernel)."""
     request = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states) + b"\0" * 48
+    if bytecode:
+        request += struct.pack("=HH", 4 + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
     sock.send(
         _NLMSG.pack(_NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request
     )
@@ -80,6 +101,13 @@ def dump(sock: socket.socket, family: int, states: int, seq: int = 1) -> list[Di
                     )
                 )
             offset += (length + 3) & ~3
+
+
+def ephemeral(sock: socket.socket, low: int, high: int) -> list[DiagSocket]:
+    """Sockets in every state but LISTEN whose local port is in [low, high], IPv4 and IPv6."""
+    states = ALL_STATES & ~(1 << TCP_LISTEN)
+    code = sport_range_bytecode(low, high)
+    return dump(sock, socket.AF_INET, states, bytecode=code) + dump(sock, socket.AF_INET6, states, seq=2, bytecode=code)
 
 
 def listeners(sock: socket.socket) -> list[DiagSocket]:

@@ -86,7 +86,7 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
     assert [s.value for s in after["nodetune_probe_up"] if s.labels["probe"] == "runqlat"] == [1.0]
     assert [s.labels["attach"] for s in after["nodetune_probe_info"]] == ["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in after["nodetune_scrape_collector_success"]}
-    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0}
+    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0}
 
 
 @pytest.mark.bpf
@@ -169,7 +169,7 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -
     assert up == {"runqlat": 1.0, "broken": 0.0}
     assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "raising": 0.0}
+    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0, "raising": 0.0}
     assert HIST in m
 
 
@@ -270,5 +270,5 @@ def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> 
     refused = [s.value for s in m["nodetune_kube_watch_errors"] if s.labels["code"] == "refused"]
     assert refused and 1 <= refused[0] <= 20  # two reflectors backing off (a spinning client: thousands)
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "kube": 1.0}
+    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0, "kube": 1.0}
     assert HIST in m

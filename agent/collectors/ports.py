@@ -1,0 +1,104 @@
+"""Ephemeral-port saturation per network namespace and destination.
+
+connect() picks a local port from ``net.ipv4.ip_local_port_range`` (minus
+``ip_local_reserved_ports``) that is free *for that destination*. The kernel may reuse a local port
+towards a different destination ``ip:port``, so exhaustion happens per destination: nginx
+opening connections to one upstream runs out when that one destination holds every port of the
+range, in any state (TIME_WAIT included). That was seed 000, where the pod's range (32768–61000)
+was narrower than the VM's. Both sysctls are per network namespace.
+
+Kernel interfaces, per namespace, through handles opened once inside it (``agent/netns.py``):
+the two sysctls, and a sock_diag dump of TCP sockets in every state but LISTEN whose local port
+is in the range. Both the state and the port filter run in the kernel (``agent/sockdiag.py``
+``ephemeral``). IPv4 and IPv6; an IPv6 socket talking to a v4-mapped address is counted under the
+IPv4 destination.
+
+Exported per namespace: ``nodetune_ephemeral_port_range_size`` (usable ports),
+``nodetune_ephemeral_ports_in_use{destination}`` for the top ``top_k`` destinations, and
+``nodetune_ephemeral_port_saturation_ratio`` = max over destinations of in use / range size.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+from prometheus_client.metrics_core import Metric
+
+from agent.netns import NETNS_LABELS, NetnsHandles, NetnsIndex
+from agent.sockdiag import ephemeral
+from probes.families import CompactScalar
+
+
+def parse_reserved(text: str, low: int, high: int) -> int:
+    """How many ports of [low, high] ``ip_local_reserved_ports`` (``8080,9000-9010``) reserves."""
+    count = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        start, end = int(a), int(b or a)
+        count += max(0, min(end, high) - max(start, low) + 1)
+    return count
+
+
+def destination(family: int, address: str, port: int) -> str:
+    if family == socket.AF_INET6 and address.startswith("::ffff:") and "." in address:
+        address = address[7:]  # v4-mapped: the same destination as the IPv4 one
+        family = socket.AF_INET
+    return f"{address}:{port}" if family == socket.AF_INET else f"[{address}]:{port}"
+
+
+def read_namespace(h: NetnsHandles) -> tuple[int, dict[str, int]]:
+    """(usable range size, destination -> distinct local ports in use towards it)."""
+    low, high = (int(x) for x in h.read(h.port_range_fd).split())
+    size = high - low + 1 - parse_reserved(h.read(h.reserved_fd), low, high)
+    ports: dict[str, set[int]] = {}
+    for s in ephemeral(h.diag, low, high):
+        if s.dport == 0:
+            continue
+        ports.setdefault(destination(s.family, s.dst, s.dport), set()).add(s.sport)
+    return size, {d: len(p) for d, p in ports.items()}
+
+
+class PortsCollector:
+    """See module docstring."""
+
+    def __init__(self, netns: NetnsIndex, top_k: int = 5) -> None:
+        self.netns = netns
+        self.top_k = top_k
+
+    def collect(self) -> Iterable[Metric]:
+        size = CompactScalar(
+            "nodetune_ephemeral_port_range_size",
+            "Usable ephemeral ports of the namespace: ip_local_port_range minus ip_local_reserved_ports.",
+            "gauge",
+            NETNS_LABELS,
+        )
+        in_use = CompactScalar(
+            "nodetune_ephemeral_ports_in_use",
+            "Local ports of the range in use towards a destination, any TCP state (top destinations).",
+            "gauge",
+            (*NETNS_LABELS, "destination"),
+        )
+        saturation = CompactScalar(
+            "nodetune_ephemeral_port_saturation_ratio",
+            "Max over destinations of ports in use / usable range: 1 = connect() fails with EADDRNOTAVAIL.",
+            "gauge",
+            NETNS_LABELS,
+        )
+        rows = []
+        for inode, h in self.netns.snapshot().items():
+            try:
+                usable, per_dest = read_namespace(h)
+            except (OSError, ValueError):  # the namespace went away between ticks
+                continue
+            rows.append((self.netns.labels(inode), usable, per_dest))
+        for labels, usable, per_dest in sorted(rows, key=lambda r: r[0]):
+            size.rows.append((labels, usable))
+            top = sorted(per_dest.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_k]
+            for dest, n in top:
+                in_use.rows.append(((*labels, dest), n))
+            busiest = top[0][1] if top else 0
+            saturation.rows.append((labels, busiest / usable if usable > 0 else 0.0))
+        return [size, in_use, saturation]

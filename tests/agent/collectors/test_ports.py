@@ -1,0 +1,222 @@
+"""Ephemeral ports per network namespace and destination, on namespaces made by the tests;
+checked against ``ss -tan`` run inside the same namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from agent.collectors.ports import PortsCollector, destination, parse_reserved
+from agent.netns import NetnsIndex
+from agent.paths import HostPaths
+from agent.workloads import Workloads
+
+# Listens on the given addresses, accepts forever (so connections reach ESTABLISHED), and opens
+# N client connections to each listener; prints "ok" or the errno of the first failed connect.
+HOLDER = """
+import errno, socket, sys, threading, time
+n = int(sys.argv[1]); targets = sys.argv[2:]
+servers = []
+for t in targets:
+    host, port = t.rsplit(":", 1)
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host.strip("[]"), int(port))); s.listen(4096); servers.append(s)
+accepted = []
+def accept(s):
+    while True:
+        accepted.append(s.accept()[0])
+for s in servers:
+    threading.Thread(target=accept, args=(s,), daemon=True).start()
+clients, result = [], "ok"
+for t in targets:
+    host, port = t.rsplit(":", 1)
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(n):
+        c = socket.socket(fam)
+        try:
+            c.connect((host.strip("[]"), int(port)))
+        except OSError as e:
+            result = errno.errorcode.get(e.errno, str(e.errno)); c.close(); break
+        clients.append(c)
+print(result, len(clients), flush=True)
+cmd = sys.stdin.readline().strip()
+if cmd == "close":
+    for c in clients: c.close()   # clients close first: they hold the TIME_WAIT
+    time.sleep(0.1)
+    for a in accepted: a.close()
+    time.sleep(0.1)
+    print("closed", flush=True)
+    sys.stdin.readline()
+"""
+
+
+class Netns:
+    def __init__(self, port_range: str, reserved: str = "") -> None:
+        self.name = f"nodetune-test-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.exec(["ip", "link", "set", "lo", "up"])
+        self.exec(["sysctl", "-qw", f"net.ipv4.ip_local_port_range={port_range}"])
+        if reserved:
+            self.exec(["sysctl", "-qw", f"net.ipv4.ip_local_reserved_ports={reserved}"])
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def exec(self, argv: list[str]) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True, check=True
+        ).stdout
+
+    def hold(self, n: int, *targets: str) -> tuple[subprocess.Popen[str], str]:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, sys.executable, "-c", HOLDER, str(n), *targets],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.procs.append(p)
+        return p, p.stdout.readline().strip()
+
+    def ss_in_use(self, low: int, high: int) -> dict[str, int]:
+        """``ss -tan`` in the namespace: distinct local ports in [low, high] per destination."""
+        ports: dict[str, set[int]] = {}
+        for line in self.exec(["ss", "-tanH"]).splitlines():
+            fields = line.split()
+            state, local, peer = fields[0], fields[3], fields[4]
+            sport = int(local.rsplit(":", 1)[1])
+            if state == "LISTEN" or not low <= sport <= high:
+                continue
+            host, port = peer.rsplit(":", 1)
+            host = host.strip("[]")
+            fam = 10 if ":" in host else 2
+            ports.setdefault(destination(fam, host, int(port)), set()).add(sport)
+        return {d: len(p) for d, p in ports.items()}
+
+    def remove(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        subprocess.run(["ip", "netns", "delete", self.name], check=False)
+
+
+@pytest.fixture
+def netns() -> Iterator[callable]:
+    made: list[Netns] = []
+
+    def make(port_range: str, reserved: str = "") -> Netns:
+        ns = Netns(port_range, reserved)
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.remove()
+
+
+def scrape(collector: PortsCollector) -> dict[str, dict[tuple[str, ...], float]]:
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in collector.collect():
+        for s in family.samples:
+            out.setdefault(family.name, {})[tuple(s.labels.get(k, "") for k in ("netns", "destination"))] = s.value
+    return out
+
+
+def collector(top_k: int = 5) -> PortsCollector:
+    return PortsCollector(NetnsIndex(HostPaths(), Workloads(None), None), top_k)
+
+
+def test_reserved_and_destinations_parse() -> None:
+    assert parse_reserved("", 100, 200) == 0
+    assert parse_reserved("8080,150-160,190-250", 100, 200) == 11 + 11
+    assert destination(10, "::ffff:10.1.2.3", 80) == "10.1.2.3:80"  # v4-mapped counted as IPv4
+    assert destination(10, "::1", 80) == "[::1]:80" and destination(2, "10.0.0.1", 5) == "10.0.0.1:5"
+
+
+@pytest.mark.root
+def test_seed_scenario_ten_port_range_exhausted_then_time_wait(netns) -> None:
+    ns = netns("40000 40009")
+    holder, result = ns.hold(11, "127.0.0.1:30000")
+    assert result == "EADDRNOTAVAIL 10", result  # the 11th connect failed: the range is exhausted
+    c = collector()
+    try:
+        c.netns.refresh()
+        m = scrape(c)
+        assert m["nodetune_ephemeral_port_range_size"][(ns.name, "")] == 10
+        assert m["nodetune_ephemeral_ports_in_use"][(ns.name, "127.0.0.1:30000")] == 10
+        assert m["nodetune_ephemeral_port_saturation_ratio"][(ns.name, "")] == 1.0
+        holder.stdin.write("close\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        time.sleep(0.2)
+        m = scrape(c)
+        ss = ns.ss_in_use(40000, 40009)
+        states = {line.split()[0] for line in ns.exec(["ss", "-tanH"]).splitlines()}
+        assert "TIME-WAIT" in states  # the closed clients wait, and still hold their ports
+        assert m["nodetune_ephemeral_ports_in_use"][(ns.name, "127.0.0.1:30000")] == ss["127.0.0.1:30000"] == 10
+    finally:
+        c.netns.close()
+
+
+@pytest.mark.root
+def test_reserved_ports_ipv6_and_two_destinations_sharing_ports(netns) -> None:
+    ns = netns("40000 40009", reserved="40002-40003")
+    _p, result = ns.hold(5, "127.0.0.1:30000", "127.0.0.1:30001", "[::1]:30002")
+    assert result == "ok 15"
+    c = collector()
+    try:
+        c.netns.refresh()
+        m = scrape(c)
+        assert m["nodetune_ephemeral_port_range_size"][(ns.name, "")] == 8  # 10 minus 2 reserved
+        used = {d: v for (n, d), v in m["nodetune_ephemeral_ports_in_use"].items() if n == ns.name}
+        assert used == {"127.0.0.1:30000": 5, "127.0.0.1:30001": 5, "[::1]:30002": 5} == ns.ss_in_use(40000, 40009)
+        # 15 connections over 8 usable ports: local ports are shared between destinations
+        assert m["nodetune_ephemeral_port_saturation_ratio"][(ns.name, "")] == 5 / 8
+    finally:
+        c.netns.close()
+
+
+@pytest.mark.root
+def test_empty_namespace_and_one_deleted_between_scrapes(netns) -> None:
+    ns = netns("50000 50099")
+    c = collector()
+    try:
+        c.netns.refresh()
+        m = scrape(c)
+        assert m["nodetune_ephemeral_port_range_size"][(ns.name, "")] == 100
+        assert m["nodetune_ephemeral_port_saturation_ratio"][(ns.name, "")] == 0.0
+        assert not [k for k in m.get("nodetune_ephemeral_ports_in_use", {}) if k[0] == ns.name]
+        ns.remove()  # deleted between scrapes: its handles still read the (now unnamed) namespace
+        scrape(c)
+        c.netns.refresh()  # the next tick forgets it
+        m = scrape(c)
+        assert not [k for k in m["nodetune_ephemeral_port_range_size"] if k[0] == ns.name]
+    finally:
+        c.netns.close()
+
+
+@pytest.mark.root
+def test_agrees_with_ss_on_thousands_of_sockets_in_mixed_states(netns) -> None:
+    ns = netns("40000 60999")
+    holders = [ns.hold(700, f"127.0.0.1:{port}") for port in (30000, 30001, 30002)]
+    assert all(r == "ok 700" for _p, r in holders)
+    closing, _ = holders[0]
+    closing.stdin.write("close\n")  # one destination's 700 go to TIME_WAIT
+    closing.stdin.flush()
+    assert closing.stdout.readline().strip() == "closed"
+    time.sleep(0.2)
+    c = collector(top_k=10)
+    try:
+        c.netns.refresh()
+        t = time.perf_counter()
+        m = scrape(c)
+        elapsed = time.perf_counter() - t
+        ss = ns.ss_in_use(40000, 60999)
+    finally:
+        c.netns.close()
+    ours = {d: v for (n, d), v in m["nodetune_ephemeral_ports_in_use"].items() if n == ns.name}
+    print(f"{sum(ours.values())} client sockets in range, scrape {elapsed * 1e3:.1f} ms; ss: {ss}")
+    assert ours == ss and sum(ours.values()) == 2100

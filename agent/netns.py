@@ -45,13 +45,22 @@ class NetnsHandles:
     somaxconn_fd: int
     port_range_fd: int  # net.ipv4.ip_local_port_range (per namespace)
     reserved_fd: int  # net.ipv4.ip_local_reserved_ports (per namespace)
+    sockstat_fd: int  # /proc/net/sockstat: "TCP: inuse N orphan N tw N ..." of the namespace
+    sockstat6_fd: int  # /proc/net/sockstat6: "TCP6: inuse N"
 
     def read(self, fd: int) -> str:
         return os.pread(fd, 1 << 16, 0).decode()
 
     def close(self) -> None:
         self.diag.close()
-        for fd in (self.netstat_fd, self.somaxconn_fd, self.port_range_fd, self.reserved_fd):
+        for fd in (
+            self.netstat_fd,
+            self.somaxconn_fd,
+            self.port_range_fd,
+            self.reserved_fd,
+            self.sockstat_fd,
+            self.sockstat6_fd,
+        ):
             os.close(fd)
 
 
@@ -74,7 +83,9 @@ def open_handles(ns_path: str) -> NetnsHandles:
             somaxconn = os.open("/proc/sys/net/core/somaxconn", flags)
             port_range = os.open("/proc/sys/net/ipv4/ip_local_port_range", flags)
             reserved = os.open("/proc/sys/net/ipv4/ip_local_reserved_ports", flags)
-            result["handles"] = NetnsHandles(diag, netstat, somaxconn, port_range, reserved)
+            sockstat = os.open("/proc/thread-self/net/sockstat", flags)
+            sockstat6 = os.open("/proc/thread-self/net/sockstat6", flags)
+            result["handles"] = NetnsHandles(diag, netstat, somaxconn, port_range, reserved, sockstat, sockstat6)
         except OSError as e:
             result["error"] = e
 

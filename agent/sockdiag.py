@@ -103,11 +103,16 @@ def dump(
             offset += (length + 3) & ~3
 
 
-def ephemeral(sock: socket.socket, low: int, high: int) -> list[DiagSocket]:
-    """Sockets in every state but LISTEN whose local port is in [low, high], IPv4 and IPv6."""
+def ephemeral(
+    sock: socket.socket, low: int, high: int, families: tuple[int, ...] = (socket.AF_INET, socket.AF_INET6)
+) -> list[DiagSocket]:
+    """Sockets in every state but LISTEN whose local port is in [low, high], of ``families``."""
     states = ALL_STATES & ~(1 << TCP_LISTEN)
     code = sport_range_bytecode(low, high)
-    return dump(sock, socket.AF_INET, states, bytecode=code) + dump(sock, socket.AF_INET6, states, seq=2, bytecode=code)
+    out: list[DiagSocket] = []
+    for seq, family in enumerate(families, 1):
+        out += dump(sock, family, states, seq=seq, bytecode=code)
+    return out
 
 
 def listeners(sock: socket.socket) -> list[DiagSocket]:

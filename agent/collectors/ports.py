@@ -49,12 +49,31 @@ def destination(family: int, address: str, port: int) -> str:
     return f"{address}:{port}" if family == socket.AF_INET else f"[{address}]:{port}"
 
 
+def families_with_sockets(sockstat: str, sockstat6: str) -> tuple[int, ...]:
+    """Which families a dump can find anything in. A dump walks the namespace's whole established
+    table (by default the host's: README, Ephemeral ports), so an empty family is skipped: no IPv6
+    dump when ``TCP6: inuse`` is 0 and no socket is in TIME_WAIT (``tw`` counts both families)."""
+
+    def field(text: str, prefix: str, name: str) -> int:
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                words = line.split()
+                return int(words[words.index(name) + 1]) if name in words else 0
+        return 0
+
+    tw = field(sockstat, "TCP:", "tw")
+    v4 = field(sockstat, "TCP:", "inuse") + tw
+    v6 = field(sockstat6, "TCP6:", "inuse") + tw
+    return tuple(f for f, n in ((socket.AF_INET, v4), (socket.AF_INET6, v6)) if n > 0)
+
+
 def read_namespace(h: NetnsHandles) -> tuple[int, dict[str, int]]:
     """(usable range size, destination -> distinct local ports in use towards it)."""
     low, high = (int(x) for x in h.read(h.port_range_fd).split())
     size = high - low + 1 - parse_reserved(h.read(h.reserved_fd), low, high)
+    families = families_with_sockets(h.read(h.sockstat_fd), h.read(h.sockstat6_fd))
     ports: dict[str, set[int]] = {}
-    for s in ephemeral(h.diag, low, high):
+    for s in ephemeral(h.diag, low, high, families):
         if s.dport == 0:
             continue
         ports.setdefault(destination(s.family, s.dst, s.dport), set()).add(s.sport)

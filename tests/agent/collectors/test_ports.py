@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.collectors.ports import PortsCollector, destination, parse_reserved
+from agent.collectors.ports import PortsCollector, destination, families_with_sockets, parse_reserved
 from agent.netns import NetnsIndex
 from agent.paths import HostPaths
 from agent.workloads import Workloads
@@ -127,6 +127,16 @@ def scrape(collector: PortsCollector) -> dict[str, dict[tuple[str, ...], float]]
 
 def collector(top_k: int = 5) -> PortsCollector:
     return PortsCollector(NetnsIndex(HostPaths(), Workloads(None), None), top_k)
+
+
+def test_empty_families_are_not_dumped() -> None:
+    v4 = "sockets: used 5\nTCP: inuse 3 orphan 0 tw 0 alloc 4 mem 1\nUDP: inuse 0 mem 0\n"
+    v6_none = "TCP6: inuse 0\nUDP6: inuse 0\n"
+    assert families_with_sockets(v4, v6_none) == (2,)
+    assert families_with_sockets(v4, "TCP6: inuse 2\n") == (2, 10)
+    tw = "TCP: inuse 0 orphan 0 tw 4 alloc 0 mem 0\n"
+    assert families_with_sockets(tw, v6_none) == (2, 10)  # TIME_WAIT of either family: both dumped
+    assert families_with_sockets("TCP: inuse 0 orphan 0 tw 0 alloc 0 mem 0\n", v6_none) == ()
 
 
 def test_reserved_and_destinations_parse() -> None:

@@ -3,6 +3,7 @@ checked against ``ss -tan`` run inside the same namespace."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -230,3 +231,24 @@ def test_agrees_with_ss_on_thousands_of_sockets_in_mixed_states(netns) -> None:
     ours = {d: v for (n, d), v in m["nodetune_ephemeral_ports_in_use"].items() if n == ns.name}
     print(f"{sum(ours.values())} client sockets in range, scrape {elapsed * 1e3:.1f} ms; ss: {ss}")
     assert ours == ss and sum(ours.values()) == 2100
+
+
+@pytest.mark.root
+def test_namespace_held_only_by_a_process_is_found_by_the_scan() -> None:
+    """No name, no pod: found by the /proc scan, labelled net:[inode]."""
+    script = f"ip link set lo up && exec {sys.executable} -c '{HOLDER}' 3 127.0.0.1:30000"
+    p = subprocess.Popen(
+        ["unshare", "-n", "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    c = PortsCollector(NetnsIndex(HostPaths(), Workloads(None), None, scan_s=0))
+    try:
+        assert p.stdout.readline().strip() == "ok 3"
+        inode = int(os.readlink(f"/proc/{p.pid}/ns/net")[5:-1])
+        c.netns.refresh()
+        m = scrape(c)
+        label = f"net:[{inode}]"
+        assert m["nodetune_ephemeral_ports_in_use"][(label, "127.0.0.1:30000")] == 3
+    finally:
+        p.kill()
+        p.wait()
+        c.netns.close()

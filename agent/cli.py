@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 
 from agent import __version__, logs
-from agent.config import DEFAULT_PORT, HIERARCHY_CHOICES, AgentConfig, ConfigError, parse_listen, parse_probes
+from agent.config import (
+    DEFAULT_PORT,
+    HIERARCHY_CHOICES,
+    AgentConfig,
+    ConfigError,
+    parse_collectors,
+    parse_listen,
+    parse_probes,
+)
 from probes import PROBES
 
 log = logging.getLogger("agent.cli")
@@ -61,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help=f"HOST:PORT (default 0.0.0.0:{DEFAULT_PORT})")
     _common(run)
     run.add_argument("--max-concurrent-scrapes", type=int, default=4, help="more get HTTP 503 (default 4)")
+    run.add_argument(
+        "--collectors", default="all", help="comma list of throttling, listen, ports; 'all' (default) or 'none'"
+    )
     run.add_argument("--node-name", default="", help="this node's name (default: $NODE_NAME)")
     run.add_argument(
         "--ports-top-destinations", type=int, default=5, help="destinations per namespace with a series (default 5)"
@@ -96,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             listen_port=port,
             max_concurrent_scrapes=args.max_concurrent_scrapes,
             workload_series_grace_s=args.workload_series_grace,
+            collectors=parse_collectors(args.collectors),
             node_name=args.node_name or os.environ.get("NODE_NAME", ""),
             ports_top_destinations=args.ports_top_destinations,
             kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,

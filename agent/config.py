@@ -17,6 +17,7 @@ from probes.settings import SettingError
 
 DEFAULT_PORT = 9662
 HIERARCHY_CHOICES = ("auto", "unified", "cpu")
+COLLECTORS = ("throttling", "listen", "ports")  # non-BPF units (agent/collectors/); kube follows --kubeconfig
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,19 @@ def parse_probes(value: str) -> tuple[str, ...]:
     return names
 
 
+def parse_collectors(value: str) -> tuple[str, ...]:
+    """``all`` (default), ``none``, or a comma list of collector names."""
+    if value.strip() in ("all", ""):
+        return COLLECTORS
+    if value.strip() == "none":
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in COLLECTORS]
+    if unknown:
+        raise ConfigError(f"--collectors: unknown collector(s) {', '.join(unknown)}; known: {', '.join(COLLECTORS)}")
+    return names
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Settings of ``nodetune run``."""
@@ -76,6 +90,9 @@ class AgentConfig:
     """Scrapes served at once; more get HTTP 503 (as node_exporter's --web.max-requests)."""
     health_timeout_s: float = 30.0
     """/healthz fails when the main loop has not ticked for this long (seconds)."""
+    collectors: tuple[str, ...] = COLLECTORS
+    """Non-BPF collectors to run. Default: all. ``ports`` costs a sock_diag walk of each namespace's
+    TCP table per scrape (README, Ephemeral ports): large nodes with the shared table may leave it out."""
     probe_settings: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     """Per probe, its declared settings (``--<probe>-<setting>``; each probe documents its own)."""
     cgroup_hierarchy: str = "auto"

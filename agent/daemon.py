@@ -198,6 +198,7 @@ class Agent:
             "listen": lambda: ListenCollector(network_namespaces(), grace),
             "ports": lambda: PortsCollector(network_namespaces(), self.config.ports_top_destinations),
         }
+        factories = {name: f for name, f in factories.items() if name in self.config.collectors}
         if self.kube is not None:
             factories["kube"] = lambda: self.kube
         for name, factory in factories.items():

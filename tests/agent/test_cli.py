@@ -28,6 +28,13 @@ def test_bad_listen(value: str) -> None:
         parse_listen(value)
 
 
+def test_collectors() -> None:
+    from agent.config import COLLECTORS, parse_collectors
+
+    assert parse_collectors("all") == COLLECTORS and parse_collectors("none") == ()
+    assert parse_collectors("ports,listen,ports") == ("ports", "listen")
+
+
 def test_probes() -> None:
     assert parse_probes("all") == ("runqlat",)
     assert parse_probes("none") == ()
@@ -63,6 +70,7 @@ def test_bad_settings(kwargs: dict) -> None:
         ["run", "--runqlat-max-cgroups", "0"],
         ["run", "--runqlat-max-pid-slots", "1000"],
         ["run", "--cgroup-hierarchy", "v3"],
+        ["run", "--collectors", "throttling,sockets"],
         ["probes", "--probes", "bogus"],
     ],
 )

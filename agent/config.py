@@ -44,30 +44,25 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_probes(value: str) -> tuple[str, ...]:
-    """``all`` (default), ``none``, or a comma list of known probe names."""
+def parse_names(flag: str, value: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """``all`` (default), ``none``, or a comma list of names from ``known``, duplicates dropped."""
     if value.strip() in ("all", ""):
-        return tuple(PROBES)
+        return known
     if value.strip() == "none":
         return ()
     names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in PROBES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"--probes: unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBES)}")
+        raise ConfigError(f"{flag}: unknown {flag.strip('-')} {', '.join(unknown)}; known: {', '.join(known)}")
     return names
+
+
+def parse_probes(value: str) -> tuple[str, ...]:
+    return parse_names("--probes", value, tuple(PROBES))
 
 
 def parse_collectors(value: str) -> tuple[str, ...]:
-    """``all`` (default), ``none``, or a comma list of collector names."""
-    if value.strip() in ("all", ""):
-        return COLLECTORS
-    if value.strip() == "none":
-        return ()
-    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in COLLECTORS]
-    if unknown:
-        raise ConfigError(f"--collectors: unknown collector(s) {', '.join(unknown)}; known: {', '.join(COLLECTORS)}")
-    return names
+    return parse_names("--collectors", value, COLLECTORS)
 
 
 @dataclass(frozen=True)

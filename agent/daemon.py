@@ -92,6 +92,7 @@ class Agent:
         self.probes: dict[str, ProbeState] = {}
         self._probes_lock = threading.Lock()
         self.collectors: dict[str, object] = {}
+        self.netns: NetnsIndex | None = None
         if collectors:
             self._start_collectors()
         self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
@@ -186,12 +187,12 @@ class Agent:
     def _start_collectors(self) -> None:
         """Each collector is a unit; one that cannot start is reported as failing, not fatal."""
         grace = self.config.workload_series_grace_s
-        netns: list[NetnsIndex] = []  # one discovery for both network collectors (listen refreshes it)
 
         def network_namespaces() -> NetnsIndex:
-            if not netns:
-                netns.append(NetnsIndex(self.paths, self.workloads, self.hierarchy_root))
-            return netns[0]
+            """One discovery for both network collectors, refreshed by the daemon's timer."""
+            if self.netns is None:
+                self.netns = NetnsIndex(self.paths, self.workloads, self.hierarchy_root)
+            return self.netns
 
         factories = {
             "throttling": lambda: ThrottlingCollector(self.paths, self.workloads, grace),
@@ -222,6 +223,11 @@ class Agent:
         """Housekeeping of every loaded probe (timer; never on a scrape)."""
         with self._probes_lock:
             loaded = [s.probe for s in self.probes.values() if s.probe is not None]
+        if self.netns is not None:
+            try:
+                self.netns.refresh()  # before the network collectors' ticks
+            except Exception:
+                log.exception("network namespaces: refresh failed")
         units = [(p.name, p) for p in loaded] + [(n, c) for n, c in self.collectors.items() if hasattr(c, "maintain")]
         for name, unit in units:
             try:
@@ -241,6 +247,9 @@ class Agent:
         for collector in self.collectors.values():
             if hasattr(collector, "close"):
                 collector.close()
+        if self.netns is not None:
+            self.netns.close()
+            self.netns = None
         for state in self.probes.values():
             if state.probe is not None:
                 self.exporter.unregister(state.name)

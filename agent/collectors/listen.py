@@ -61,9 +61,8 @@ class ListenCollector:
         self._lock = threading.Lock()
 
     def maintain(self) -> None:
-        """Timer: refresh the namespaces, retire vanished ones, follow label changes."""
+        """Timer (after the namespace index's refresh): retire vanished namespaces, follow labels."""
         with self._lock:
-            self.netns.refresh()
             handles = self.netns.snapshot()
             for inode in set(self._last) - set(handles):
                 self.series.retire(inode, self._last.pop(inode))
@@ -128,6 +127,3 @@ class ListenCollector:
             for port, b in sorted(small.items()):
                 backlog.rows.append(((*labels, str(port)), b))
         return [overflows, drops, saturation, backlog]
-
-    def close(self) -> None:
-        self.netns.close()

@@ -272,3 +272,22 @@ def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> 
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
     assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0, "kube": 1.0}
     assert HIST in m
+
+
+@pytest.mark.root
+def test_ports_alone_sees_namespaces_made_after_start(agent_process) -> None:
+    """The daemon's timer refreshes the namespace discovery whichever network collectors run."""
+    agent = agent_process("--collectors", "ports", "--probes", "none")
+    name = f"nodetune-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            sizes = {s.labels["netns"] for s in agent.metrics().get("nodetune_ephemeral_port_range_size", [])}
+            if name in sizes:
+                break
+            assert time.monotonic() < deadline, f"{name} not discovered: {sizes}"
+            time.sleep(0.5)
+        assert "host" in sizes
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)

@@ -82,7 +82,7 @@ def test_backlog_one_listener_flooded(tmp_path) -> None:
         listener.kill()
         listener.wait()
         if collector is not None:
-            collector.close()
+            collector.netns.close()
         subprocess.run(["ip", "netns", "delete", ns], check=True)
     print(f"overflows: nodetune {ours}, nstat {theirs}; saturation {saturation}")
     assert theirs > 0 and ours == theirs

@@ -3,13 +3,16 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network clean
+.PHONY: run test lint deps test-deps bench-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network clean
 
 deps:
 	@bash scripts/bootstrap.sh run
 
 test-deps:
 	@bash scripts/bootstrap.sh test
+
+bench-deps:
+	@bash scripts/bootstrap.sh bench
 
 run: deps
 	$(VENV)/bin/nodetune run $(ARGS)
@@ -23,24 +26,19 @@ test: lint
 
 bench: bench-overhead bench-scrape bench-throttling bench-storm bench-network
 
-bench-overhead:
-	@bash scripts/bootstrap.sh bench
+bench-overhead: bench-deps
 	$(VENV)/bin/python bench/runqlat_overhead.py $(ARGS)
 
-bench-scrape:
-	@bash scripts/bootstrap.sh bench
+bench-scrape: bench-deps
 	$(VENV)/bin/python bench/scrape_cost.py $(SCRAPE_ARGS)
 
-bench-throttling:
-	@bash scripts/bootstrap.sh bench
+bench-throttling: bench-deps
 	$(VENV)/bin/python bench/throttling_cost.py $(THROTTLING_ARGS)
 
-bench-storm:
-	@bash scripts/bootstrap.sh bench
+bench-storm: bench-deps
 	$(VENV)/bin/python bench/api_storm.py $(STORM_ARGS)
 
-bench-network:
-	@bash scripts/bootstrap.sh bench
+bench-network: bench-deps
 	$(VENV)/bin/python bench/network_cost.py $(NETWORK_ARGS)
 	$(VENV)/bin/python bench/network_cost.py --child-ehash 1024 $(NETWORK_ARGS)
 

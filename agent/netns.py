@@ -114,7 +114,6 @@ class NetnsIndex:
         self.scan_s = scan_s
         self._scanned_at = float("-inf")
         self.others: dict[int, str] = {}  # inode -> /proc/<pid>/ns/net of a process holding it
-        self.where: dict[int, str] = {}  # every known namespace -> a path to enter it by
         self.handles: dict[int, NetnsHandles] = {}
         self.workloads = workloads
         self.tree = CgroupTree(hierarchy_root) if hierarchy_root is not None else None
@@ -123,6 +122,8 @@ class NetnsIndex:
         self.named: dict[int, str] = {}
         self.pods: dict[int, str] = {}  # netns inode -> a cgroup path of the pod (for its labels)
         self._by_pod: dict[str, int] = {}  # pod UID -> netns inode (kept while the pod's cgroup lives)
+        self._pod_uid: dict[str, str | None] = {}  # cgroup path -> its pod's UID if pod level (parsed once)
+        self._host_path = "/proc/self/ns/net"
         self._lock = threading.Lock()
         self.refresh()
 
@@ -145,14 +146,34 @@ class NetnsIndex:
 
     def _host_ns(self) -> int | None:
         """PID 1's namespace; where it cannot be read (a sandbox's init, no CAP_SYS_PTRACE) the
-        agent's own, which is the host's in the DaemonSet (hostNetwork: true)."""
+        agent's own, which is the host's in the DaemonSet (hostNetwork: true). Sets the path to
+        enter it by."""
         host = self._ns_of(1)
-        if host is None:
-            try:
-                host = netns_inode(os.readlink("/proc/self/ns/net"))
-            except OSError:
-                return None
-        return host
+        if host is not None:
+            self._host_path = str(self.paths.proc / "1" / "ns" / "net")
+            return host
+        self._host_path = "/proc/self/ns/net"
+        try:
+            return netns_inode(os.readlink(self._host_path))
+        except OSError:
+            return None
+
+    def _pod_level_uid(self, path: str) -> str | None:
+        if path not in self._pod_uid:
+            ident = parse_cgroup_path(path)
+            self._pod_uid[path] = ident.pod_uid if ident.is_pod and not ident.container_id else None
+        return self._pod_uid[path]
+
+    def _entry_path(self, inode: int, host: int | None, named: dict[int, str], pods: dict[int, str]) -> str | None:
+        """A path to enter a namespace by (only needed the first time it is opened)."""
+        if inode == host:
+            return self._host_path
+        if inode in named:
+            return str(self.paths.root / "run" / "netns" / named[inode])
+        if inode in pods:
+            pid = self._pid_of(pods[inode])
+            return None if pid is None else str(self.paths.proc / str(pid) / "ns" / "net")
+        return self.others.get(inode)
 
     def _scan_processes(self) -> dict[int, str]:
         """Namespaces held by any process (the slow path, every ``scan_s``): one readlink per pid."""
@@ -184,12 +205,14 @@ class NetnsIndex:
         pods: dict[int, str] = {}
         by_pod: dict[str, int] = {}
         if self.tree is not None:
-            self.tree.refresh()
+            _added, removed = self.tree.refresh()
+            for path in removed:
+                self._pod_uid.pop(path, None)
             pod_cgroups: dict[str, str] = {}  # pod UID -> its pod-level cgroup path
             for path in self.tree.paths:
-                ident = parse_cgroup_path(path)
-                if ident.is_pod and not ident.container_id and ident.pod_uid not in pod_cgroups:
-                    pod_cgroups[ident.pod_uid] = path
+                uid = self._pod_level_uid(path)
+                if uid is not None and uid not in pod_cgroups:
+                    pod_cgroups[uid] = path
             for uid, path in pod_cgroups.items():
                 inode = self._by_pod.get(uid)
                 if inode is None:
@@ -201,29 +224,23 @@ class NetnsIndex:
         if time.monotonic() - self._scanned_at >= self.scan_s:
             self.others = self._scan_processes()
             self._scanned_at = time.monotonic()
-        where: dict[int, str] = dict(self.others)
-        where.update({inode: str(netns_dir / name) for inode, name in named.items()})
-        for inode, path in pods.items():
-            pid = self._pid_of(path)
-            if pid is not None:
-                where[inode] = str(self.paths.proc / str(pid) / "ns" / "net")
-        if host is not None:
-            where[host] = "/proc/self/ns/net" if self._ns_of(1) is None else str(self.paths.proc / "1/ns/net")
-        # keep only namespaces that still exist: a pod's or named one found now, or any other
-        # whose holder is still alive
-        where = {i: p for i, p in where.items() if i in pods or i in named or i == host or os.path.exists(p)}
+        # live: a pod's or named one found now, the host's, or any other whose holder is alive
+        live = set(pods) | set(named) | ({host} if host is not None else set())
+        live |= {inode for inode, path in self.others.items() if os.path.exists(path)}
         opened = dict(self.handles)
-        for inode in set(opened) - set(where):
+        for inode in set(opened) - live:
             opened.pop(inode).close()
-        for inode, path in where.items():
-            if inode not in opened:
-                try:
-                    opened[inode] = open_handles(path)
-                except OSError as e:  # gone meanwhile, or not permitted: skipped, tried next tick
-                    log.debug("netns %s: %s", inode, e)
+        for inode in live - set(opened):
+            path = self._entry_path(inode, host, named, pods)
+            if path is None:
+                continue
+            try:
+                opened[inode] = open_handles(path)
+            except OSError as e:  # gone meanwhile, or not permitted: skipped, tried next tick
+                log.debug("netns %s: %s", inode, e)
         with self._lock:
             self.host, self.named, self.pods, self._by_pod = host, named, pods, by_pod
-            self.where, self.handles = where, opened
+            self.handles = opened
 
     def labels(self, inode: int) -> tuple[str, str, str]:
         """(namespace, pod, netns) of a network namespace, per the contract."""

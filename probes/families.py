@@ -13,8 +13,9 @@ library's way, so a family changed through ``samples`` is never rendered stale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
@@ -53,26 +54,25 @@ def _count_line(n: int) -> str:
     return count_text(n) + "\n"
 
 
-class _Prefixes:
-    """Per (family, label set): the text before each bucket's value and before _count/_sum's.
-    Kept across scrapes (bounded), since a node's label sets change slowly."""
+class _PrefixCache:
+    """Label-set line prefixes of every compact family, kept across scrapes since a node's label
+    sets change slowly; bounded (cleared whole when full)."""
 
     LIMIT = 50000
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, tuple[tuple[str, ...], str, str]] = {}
+        self._cache: dict[tuple, Any] = {}
 
-    def get(self, family: CompactHistogram, values: tuple[str, ...]) -> tuple[tuple[str, ...], str, str]:
-        key = (family.name, family.label_names, family.le, values)
+    def get(self, key: tuple, make: Callable[[tuple[str, ...]], Any], values: tuple[str, ...]) -> Any:
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= self.LIMIT:
                 self._cache.clear()
-            found = self._cache[key] = family._prefixes(values)
+            found = self._cache[key] = make(values)
         return found
 
 
-_PREFIXES = _Prefixes()
+_PREFIXES = _PrefixCache()
 
 
 class CompactFamily(Metric):
@@ -136,19 +136,13 @@ class CompactScalar(CompactFamily):
 
     def exposition(self) -> str:
         out = [self._header(self._sample_name, self.type)]
-        cache = _SCALAR_PREFIXES
         for values, value in self.rows:
-            key = (self._sample_name, self.label_names, values)
-            prefix = cache.get(key)
-            if prefix is None:
-                if len(cache) >= _Prefixes.LIMIT:
-                    cache.clear()
-                prefix = cache[key] = f"{self._sample_name}{_label_text(self.label_names, values)} "
+            prefix = _PREFIXES.get((self._sample_name, self.label_names, values), self._prefix, values)
             out.append(f"{prefix}{value_text(value)}\n")
         return "".join(out)
 
-
-_SCALAR_PREFIXES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], str] = {}
+    def _prefix(self, values: tuple[str, ...]) -> str:
+        return f"{self._sample_name}{_label_text(self.label_names, values)} "
 
 
 class CompactHistogram(CompactFamily):
@@ -195,7 +189,9 @@ class CompactHistogram(CompactFamily):
         """This family in the text format, as ``generate_latest`` writes it."""
         out = [self._header(self.name, "histogram")]
         for values, counts, sum_value in self.rows:
-            buckets, count_prefix, sum_prefix = _PREFIXES.get(self, values)
+            buckets, count_prefix, sum_prefix = _PREFIXES.get(
+                (self.name, self.label_names, self.le, values), self._prefixes, values
+            )
             cumulative = list(accumulate(counts))
             out.extend(map(str.__add__, buckets, map(_count_line, cumulative)))
             out.append(f"{count_prefix}{count_text(cumulative[-1])}\n{sum_prefix}{value_text(sum_value)}\n")

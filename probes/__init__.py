@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from probes.base import Probe
+from probes.lockstat import LockstatProbe
 from probes.runqlat import RunqlatProbe
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (RunqlatProbe,)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (RunqlatProbe, LockstatProbe)}

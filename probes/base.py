@@ -176,6 +176,7 @@ class Probe(abc.ABC):
         self.attach: str | None = None  # strategy in use once loaded
         self.skipped: dict[str, str] = {}  # strategy -> why it was not used
         self.workload_rows: dict[str, WorkloadRows] = {}
+        self.keyed_rows: dict[str, Rows] = {}  # row sets keyed by something else than a workload
         self._bpf: Any = None
         self._lock = threading.Lock()
 
@@ -197,7 +198,7 @@ class Probe(abc.ABC):
         return ()
 
     def lost_reasons(self) -> tuple[str, ...]:
-        reasons = ("cgroup_map_full",) if self.row_sets() else ()
+        reasons = (rs.full_reason for rs in self.row_sets())
         return tuple(dict.fromkeys((*reasons, *self.stat_reasons)))
 
     def all_stat_reasons(self) -> tuple[str, ...]:
@@ -272,10 +273,13 @@ class Probe(abc.ABC):
         raise ProbeUnavailable(tried)
 
     def _attach_rows(self) -> None:
+        sets = self.row_sets()
         self.workload_rows = {
             rs.name: WorkloadRows(Rows(rs, self.table), self.labeler.resolve, self.series_grace_s)
-            for rs in self.row_sets()
+            for rs in sets
+            if rs.per_workload
         }
+        self.keyed_rows = {rs.name: Rows(rs, self.table) for rs in sets if not rs.per_workload}
 
     def _before_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: prepare the host for ``strategy`` (e.g. make tracefs visible)."""
@@ -332,6 +336,7 @@ class Probe(abc.ABC):
 
     def _close_bpf(self) -> None:
         self.workload_rows = {}
+        self.keyed_rows = {}
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()

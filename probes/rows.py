@@ -37,16 +37,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RowSet:
-    """Declaration of one per-workload row table: ``words`` u64 counters per row."""
+    """Declaration of one row table: ``words`` u64 counters per row, keyed by a u64 id (a workload's
+    cgroup id, or any other key a probe aggregates by, e.g. a lock caller)."""
 
     name: str  # map name: the metric it feeds (ebpf_exporter's convention)
     words: int
     max_rows: int
+    full_reason: str = "cgroup_map_full"  # loss reason counted when no row is free (STAT_<REASON>)
+    per_workload: bool = True  # keys are cgroup ids: reclaimed and labelled by WorkloadRows
 
     def c_source(self) -> str:
         """Maps and helpers: ``<name>_row_of(id)`` -> row or -1, ``<name>_owned(row, id)``,
         ``<name>_at(row)`` -> ``u64 *`` to the row's words on this CPU (or NULL)."""
-        n, w, m = self.name, self.words, self.max_rows
+        n, w, m, full = self.name, self.words, self.max_rows, "STAT_" + self.full_reason.upper()
         return f"""
 /* --- per-workload rows "{n}": {w} u64 per row, {m} rows (probes/rows.py) --- */
 struct {n}_row {{ u64 w[{w}]; }};
@@ -68,7 +71,7 @@ static __always_inline int {n}_row_of(u64 id)
         return *known;
     u32 row;
     if ({n}_free.pop(&row)) {{
-        count_stat(STAT_CGROUP_MAP_FULL);
+        count_stat({full});
         return -1;
     }}
     if ({n}_index.insert(&id, &row)) {{ /* another CPU won the race for this id */

@@ -1,0 +1,213 @@
+"""Kernel lock contention probe: where the kernel spins and sleeps on locks, by type, caller and pod.
+
+Kernel interface: the ``lock:contention_begin`` / ``lock:contention_end`` tracepoints (kernel
+>= 5.19), attached as raw tracepoints (``lockstat.bpf.c``: per-CPU frames for spinning waiters,
+task-local storage for sleeping ones, callers from ``bpf_get_stack`` at begin), plus
+``/proc/kallsyms`` for the locking code's bounds and the callers' names (read once, cached).
+
+Exported:
+
+* ``nodetune_lock_contention_wait_seconds{lock_type}``: histogram of single waits;
+* ``nodetune_lock_contentions_total{lock_type,caller}`` and
+  ``nodetune_lock_contention_wait_seconds_total{lock_type,caller}``: the top N (type, caller) pairs
+  by wait over the agent's lifetime, the rest in ``caller="other"`` (``probes/topn.py``);
+* ``nodetune_workload_lock_wait_seconds_total{<workload labels>,lock_type}``.
+
+``lock_type`` from the tracepoint's flags (include/trace/events/lock.h LCB_F_*; perf's names in
+brackets): SPIN ``spinlock``; SPIN|READ ``rwlock_read`` (rwlock:R); SPIN|WRITE ``rwlock_write``;
+MUTEX and MUTEX|SPIN (a mutex's optimistic spin) ``mutex``; READ ``rwsem_read``; WRITE
+``rwsem_write``; RT, RT|READ, RT|WRITE ``rtmutex`` (PREEMPT_RT's sleeping spinlocks and rwlocks);
+PERCPU|READ, PERCPU|WRITE ``percpu_rwsem``; 0 ``semaphore`` (kernel/locking/semaphore.c); any
+other combination ``other``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+
+from prometheus_client.metrics_core import Metric
+
+from probes.base import Probe
+from probes.families import CompactHistogram, CompactScalar
+from probes.histogram import NSLOTS, ROW_WORDS
+from probes.kallsyms import KernelSymbols
+from probes.rows import RowSet
+from probes.settings import Setting
+from probes.topn import TopN
+
+RAW_TRACEPOINT = "raw_tracepoint"
+LOCK_TYPES = (
+    "spinlock",
+    "rwlock_read",
+    "rwlock_write",
+    "mutex",
+    "rwsem_read",
+    "rwsem_write",
+    "rtmutex",
+    "percpu_rwsem",
+    "semaphore",
+    "other",
+)
+HIST = "lock_contention_wait_seconds"
+CALLERS = "lock_callers"
+WORKLOAD = "workload_lock_wait_seconds"
+SPIN_DEPTH = 4  # task, softirq, hardirq, NMI: qspinlock's per-CPU MCS nodes (MAX_NODES)
+MAX_FRAMES = 12  # the caller was at frame 3..7 in every contention seen here (README)
+LOCK_TEXT = ("__sched_text_start", "__lock_text_end")  # adjacent sections: sched text, then lock text
+OTHER = "other"
+UNKNOWN = "unknown"  # a caller address outside every known symbol
+
+
+class LockstatProbe(Probe):
+    """See module docstring."""
+
+    name = "lockstat"
+    strategies = (RAW_TRACEPOINT,)
+    source_file = "lockstat.bpf.c"
+    settings = (
+        Setting("top_callers", 20, 'callers exported by name (the rest: caller="other")', maximum=1000),
+        Setting(
+            "max_callers",
+            4096,
+            'in-kernel rows of (lock type, call site) (16 B x CPUs each); beyond: caller="other"',
+            minimum=16,
+            maximum=65536,
+        ),
+        Setting("max_cgroups", 1024, "in-kernel per-workload rows (80 B x CPUs each)", maximum=65536),
+    )
+    stat_reasons = ("spin_nesting", "no_task_slot")
+    info_stats = ("end_missed",)  # a frame dropped because its end never came (recursion guard)
+
+    def __init__(self, *args: object, symbols: KernelSymbols | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._symbols = symbols
+        self.top = TopN(self.config["top_callers"], 2, rank=lambda v: v[1])
+
+    @cached_property
+    def symbols(self) -> KernelSymbols:
+        return self._symbols or KernelSymbols(self.kernel.proc_root / "kallsyms")
+
+    def row_sets(self) -> tuple[RowSet, ...]:
+        return (
+            RowSet(CALLERS, 2, self.config["max_callers"], full_reason="caller_map_full", per_workload=False),
+            RowSet(WORKLOAD, len(LOCK_TYPES), self.config["max_cgroups"]),
+        )
+
+    def _lock_text(self) -> tuple[int, int] | str:
+        start, end = (self.symbols.address(s) for s in LOCK_TEXT)
+        if not self.symbols.available or start is None or end is None or start >= end:
+            return f"no {LOCK_TEXT[0]}/{LOCK_TEXT[1]} in /proc/kallsyms (kptr_restrict, or not root)"
+        return start, end
+
+    def unsupported(self, strategy: str) -> str | None:
+        btf = self.kernel.btf
+        if btf is None or not btf.has_function("__traceiter_contention_begin"):
+            return "no lock:contention_begin tracepoint (kernel < 5.19, or no BTF to tell)"
+        if not self.kernel.task_btf:
+            return "no bpf_get_current_task_btf() for task-local storage (kernel < 5.11)"
+        text = self._lock_text()
+        return text if isinstance(text, str) else None
+
+    def cflags(self, strategy: str) -> list[str]:
+        text = self._lock_text()
+        if isinstance(text, str):
+            raise ValueError(text)
+        return [
+            f"-DNTYPES={len(LOCK_TYPES)}",
+            *(f"-DLT_{t.upper()}={i}" for i, t in enumerate(LOCK_TYPES)),
+            f"-DSPIN_DEPTH={SPIN_DEPTH}",
+            f"-DMAX_FRAMES={MAX_FRAMES}",
+            f"-DLOCK_TEXT_START={text[0]:#x}ULL",
+            f"-DLOCK_TEXT_END={text[1]:#x}ULL",
+        ]
+
+    # --- reading ----------------------------------------------------------------------------
+    def _caller_name(self, key: int) -> str:
+        return self.symbols.caller(key & 0xFFFFFFFFFFFF | 0xFFFF000000000000) or UNKNOWN
+
+    def caller_totals(self) -> tuple[dict[tuple[str, str], list[int]], dict[str, list[int]]]:
+        """((lock type, caller function) -> [contentions, wait ns], lock type -> the same for waits
+        with no caller row: none found in the stack, or the rows full). Lifetime totals."""
+        rows = self.keyed_rows[CALLERS]
+        keys = {row: key for row, key in enumerate(rows.owners()) if key}
+        values = rows.read(list(keys))
+        callers: dict[tuple[str, str], list[int]] = {}
+        for row, key in keys.items():
+            type_index = key >> 56
+            if type_index >= len(LOCK_TYPES):
+                continue
+            acc = callers.setdefault((LOCK_TYPES[type_index], self._caller_name(key)), [0, 0])
+            acc[0] += values[row][0]
+            acc[1] += values[row][1]
+        table = self.table("lock_caller_unknown")
+        unattributed = {}
+        for i, lock_type in enumerate(LOCK_TYPES):
+            per_cpu = table[table.Key(i)]
+            unattributed[lock_type] = [sum(v.count for v in per_cpu), sum(v.ns for v in per_cpu)]
+        return callers, unattributed
+
+    def histograms(self) -> dict[str, tuple[list[int], int]]:
+        """Lock type -> (slot counts, sum of waits in ns)."""
+        table = self.table(HIST)
+        out = {}
+        for i, lock_type in enumerate(LOCK_TYPES):
+            words = [0] * ROW_WORDS
+            for cpu_row in table[table.Key(i)]:
+                for j in range(ROW_WORDS):
+                    words[j] += cpu_row.w[j]
+            out[lock_type] = (words[:NSLOTS], words[NSLOTS])
+        return out
+
+    def maintain(self) -> None:
+        super().maintain()
+        with self._lock:
+            if self._bpf is not None:
+                self.top.reselect(self.caller_totals()[0])
+
+    def collect_loaded(self) -> Iterable[Metric]:
+        hist = CompactHistogram(
+            "nodetune_" + HIST,
+            "Time a kernel code path waited for a contended lock (one observation per contention), by lock type.",
+            labels=("lock_type",),
+        )
+        for lock_type, (slots, total_ns) in self.histograms().items():
+            hist.add((lock_type,), slots, total_ns / 1e9)
+        count = CompactScalar(
+            "nodetune_lock_contentions_total",
+            "Contended lock acquisitions by lock type and calling kernel function (top callers by "
+            'wait; the rest in caller="other").',
+            "counter",
+            ("lock_type", "caller"),
+        )
+        wait = CompactScalar(
+            "nodetune_lock_contention_wait_seconds_total",
+            "Time spent waiting for contended locks by lock type and calling kernel function (top "
+            'callers by wait; the rest in caller="other").',
+            "counter",
+            ("lock_type", "caller"),
+        )
+        callers, unattributed = self.caller_totals()
+        named, other = self.top.split(callers, group_of=lambda k: k[0])
+        for lock_type, (n, ns) in unattributed.items():
+            if n:
+                acc = other.setdefault(lock_type, [0, 0])
+                acc[0] += n
+                acc[1] += ns
+        for (lock_type, caller), (n, ns) in sorted(named.items()):
+            count.add((lock_type, caller), n)
+            wait.add((lock_type, caller), ns / 1e9)
+        for lock_type, (n, ns) in sorted(other.items()):
+            count.add((lock_type, OTHER), n)
+            wait.add((lock_type, OTHER), ns / 1e9)
+        per_workload = CompactScalar(
+            "nodetune_" + WORKLOAD + "_total",
+            "Time tasks of a workload waited for contended kernel locks, by lock type.",
+            "counter",
+            (*self.labeler.label_names, "lock_type"),
+        )
+        for labels, words in sorted(self.series(WORKLOAD).items()):
+            for lock_type, ns in zip(LOCK_TYPES, words, strict=True):
+                if ns:
+                    per_workload.add((*labels, lock_type), ns / 1e9)
+        return [hist, count, wait, per_workload]

@@ -83,6 +83,7 @@ class Agent:
             proc_root=self.paths.proc,
             cache_dir=config.cache_dir,
             workload_hierarchy=self.hierarchy,
+            cgroup2_root=self.paths.cgroup_v2(),
         )
         self.stop_event = threading.Event()
         self.kube = self._kube_watch() if collectors else None

@@ -113,13 +113,14 @@ class Exporter:
         def add(collected: list[Metric]) -> None:
             """Merge a unit's families into the scrape: all of them, or none if one conflicts."""
             for family in collected:
-                existing = families.get(family.name)
+                existing = families.get(exposed_name(family))
                 if existing is not None and existing.type != family.type:
                     raise TypeError(f"metric {family.name} exported as {existing.type} and {family.type}")
             for family in collected:
-                existing = families.get(family.name)
+                key = exposed_name(family)
+                existing = families.get(key)
                 if existing is None:
-                    families[family.name] = family
+                    families[key] = family
                 else:
                     existing.samples.extend(family.samples)
 
@@ -137,6 +138,13 @@ class Exporter:
 
     def render(self) -> bytes:
         return render(self.scrape())
+
+
+def exposed_name(family: Metric) -> str:
+    """The name on a family's HELP/TYPE lines in the text format (0.0.4): a counter's carries
+    ``_total``, so counter ``x_total`` and histogram ``x`` (its samples ``x_bucket``, ``x_sum``,
+    ``x_count``) are distinct metrics, as nodetune_lock_contention_wait_seconds{,_total} are."""
+    return family.name + "_total" if family.type == "counter" else family.name
 
 
 def accepts_gzip(header: str) -> bool:

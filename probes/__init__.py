@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from probes.base import Probe
+from probes.connect import ConnectProbe
 from probes.lockstat import LockstatProbe
 from probes.runqlat import RunqlatProbe
 
-PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (RunqlatProbe, LockstatProbe)}
+PROBES: dict[str, type[Probe]] = {cls.name: cls for cls in (RunqlatProbe, LockstatProbe, ConnectProbe)}

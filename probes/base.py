@@ -84,6 +84,8 @@ class KernelFacts:
     cache_dir: Path = Path("/var/cache/nodetune")
     workload_hierarchy: str = UNIFIED
     """Which cgroup a task is charged to: its cgroup v2 one, or (``cpu``) its v1 cpu controller's."""
+    cgroup2_root: Path | None = None
+    """The cgroup v2 hierarchy's root (cgroup BPF programs attach there); None: none mounted."""
 
     def describe_headers(self) -> str:
         headers = self.headers

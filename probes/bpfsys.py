@@ -4,6 +4,10 @@
   whole range of rows, per-CPU values included (each value is ``round_up(value_size, 8)`` bytes
   per *possible* CPU: kernel/bpf/syscall.c ``bpf_map_value_size``). BCC's ``items_lookup_batch``
   only handles hash maps and yields ctypes objects one by one.
+* ``link_create``: ``BPF_LINK_CREATE`` (kernel >= 5.7) attaches a cgroup program as a link: it
+  is detached when the last fd is closed (an agent that dies leaves nothing behind), and a cgroup
+  link always coexists with other programs on the same hook (kernel/bpf/cgroup.c
+  cgroup_bpf_link_attach passes BPF_F_ALLOW_MULTI), so Cilium's or Calico's stay in place.
 * ``prog_test_run``: ``BPF_PROG_TEST_RUN`` of a raw-tracepoint program with given arguments
   (kernel >= 5.10, net/bpf/test_run.c ``bpf_prog_test_run_raw_tp``), so tests run the real C.
 
@@ -26,6 +30,9 @@ import numpy as np
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_TEST_RUN = 10
+BPF_LINK_CREATE = 28
+BPF_PROG_QUERY = 16
+BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -104,3 +111,18 @@ def prog_test_run_raw_tp(prog_fd: int, args: tuple[int, ...]) -> int:
     )
     _bpf(BPF_PROG_TEST_RUN, attr)
     return struct.unpack_from("<I", attr.raw, 4)[0]
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach ``prog_fd`` to ``target_fd`` (a cgroup directory fd) as a BPF link; its fd."""
+    # union bpf_attr.link_create: prog_fd, target_fd, attach_type, flags (then per-type fields)
+    attr = ctypes.create_string_buffer(struct.pack("<IIII", prog_fd, target_fd, attach_type, 0) + bytes(48))
+    return _bpf(BPF_LINK_CREATE, attr)
+
+
+def attached_count(target_fd: int, attach_type: int) -> int:
+    """How many programs are attached to a cgroup hook (``BPF_PROG_QUERY``, effective or not)."""
+    # union bpf_attr.query: target_fd, attach_type, query_flags, attach_flags, prog_ids (u64), prog_cnt
+    attr = ctypes.create_string_buffer(struct.pack("<IIIIQI", target_fd, attach_type, 0, 0, 0, 0) + bytes(36))
+    _bpf(BPF_PROG_QUERY, attr)
+    return struct.unpack_from("<I", attr.raw, 24)[0]

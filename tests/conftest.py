@@ -265,3 +265,20 @@ def agent_process(tmp_path: Path, header_cache: Path) -> Iterator[callable]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def netns() -> Iterator[callable]:
+    """Network namespaces with their own port range (tests/netns.py), removed after the test."""
+    from tests.netns import Netns
+
+    made: list[Netns] = []
+
+    def make(port_range: str, reserved: str = "") -> Netns:
+        ns = Netns(port_range, reserved)
+        made.append(ns)
+        return ns
+
+    yield make
+    for ns in made:
+        ns.remove()

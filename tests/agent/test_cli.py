@@ -36,7 +36,8 @@ def test_collectors() -> None:
 
 
 def test_probes() -> None:
-    assert parse_probes("all") == ("runqlat",)
+    assert parse_probes("all") == ("runqlat", "lockstat", "connect")
+    assert parse_probes("connect,lockstat") == ("connect", "lockstat")
     assert parse_probes("none") == ()
     assert parse_probes("runqlat,runqlat") == ("runqlat",)
     with pytest.raises(ConfigError, match="unknown probe"):
@@ -92,8 +93,8 @@ def test_probes_command_reports_strategy_and_headers(header_cache: Path) -> None
     )
     report = json.loads(out.stdout)
     assert report["headers"].split()[0] in ("host", "kheaders", "distribution")
-    (runqlat,) = report["probes"]
-    assert runqlat["loadable"] and runqlat["attach"] == "raw_tracepoint"
+    attach = {p["probe"]: p["attach"] for p in report["probes"] if p["loadable"]}
+    assert attach == {"runqlat": "raw_tracepoint", "lockstat": "raw_tracepoint", "connect": "tracepoint+sock_ops"}
 
 
 @pytest.mark.root  # reads /sys/kernel/btf/vmlinux for the offsets in the cflags

@@ -17,6 +17,7 @@ import pytest
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.paths import HostPaths
+from probes import bpfsys
 from probes.base import KernelFacts, Probe
 from tests.conftest import BUSY, SLEEPER, SpreadCgroup, free_port, http_get, parse_metrics, run_delay_ns
 
@@ -84,9 +85,21 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
         "cgroup": busy.rel,
     }
     assert [s.value for s in after["nodetune_probe_up"] if s.labels["probe"] == "runqlat"] == [1.0]
-    assert [s.labels["attach"] for s in after["nodetune_probe_info"]] == ["raw_tracepoint"]
+    assert [s.labels["attach"] for s in after["nodetune_probe_info"]] == [
+        "raw_tracepoint",
+        "raw_tracepoint",
+        "tracepoint+sock_ops",
+    ]
     success = {s.labels["collector"]: s.value for s in after["nodetune_scrape_collector_success"]}
-    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0}
+    assert success == {
+        "agent": 1.0,
+        "runqlat": 1.0,
+        "lockstat": 1.0,
+        "connect": 1.0,
+        "throttling": 1.0,
+        "listen": 1.0,
+        "ports": 1.0,
+    }
 
 
 @pytest.mark.bpf
@@ -110,9 +123,15 @@ def test_health_endpoints_and_sigterm_exit_cleanly(agent_process) -> None:
     assert http_get(agent.url + "/readyz")[0] == 200
     assert http_get(agent.url + "/nope")[0] == 404
     prog_links = [p for p in Path(f"/proc/{agent.proc.pid}/fd").iterdir() if "bpf-prog" in os.readlink(p)]
-    assert len(prog_links) == 1  # runqlat: one program on sched_switch
+    # runqlat: sched_switch; lockstat: contention_begin and _end; connect: the tracepoint and sock_ops
+    assert len(prog_links) == 5
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(timeout=15) == 0
+    root = os.open(HostPaths().cgroup_v2(), os.O_RDONLY | os.O_DIRECTORY)
+    try:  # the sock_ops link went with the process: nothing left on the cgroup root
+        assert bpfsys.attached_count(root, bpfsys.BPF_CGROUP_SOCK_OPS) == 0
+    finally:
+        os.close(root)
 
 
 class BrokenProbe(Probe):
@@ -166,10 +185,19 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -
     assert status == 200
     m = parse_metrics(body)
     up = {s.labels["probe"]: s.value for s in m["nodetune_probe_up"]}
-    assert up == {"runqlat": 1.0, "broken": 0.0}
+    assert up == {"runqlat": 1.0, "lockstat": 1.0, "connect": 1.0, "broken": 0.0}
     assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0, "raising": 0.0}
+    assert success == {
+        "agent": 1.0,
+        "runqlat": 1.0,
+        "lockstat": 1.0,
+        "connect": 1.0,
+        "throttling": 1.0,
+        "listen": 1.0,
+        "ports": 1.0,
+        "raising": 0.0,
+    }
     assert HIST in m
 
 
@@ -270,7 +298,16 @@ def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> 
     refused = [s.value for s in m["nodetune_kube_watch_errors"] if s.labels["code"] == "refused"]
     assert refused and 1 <= refused[0] <= 20  # two reflectors backing off (a spinning client: thousands)
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {"agent": 1.0, "runqlat": 1.0, "throttling": 1.0, "listen": 1.0, "ports": 1.0, "kube": 1.0}
+    assert success == {
+        "agent": 1.0,
+        "runqlat": 1.0,
+        "lockstat": 1.0,
+        "connect": 1.0,
+        "throttling": 1.0,
+        "listen": 1.0,
+        "ports": 1.0,
+        "kube": 1.0,
+    }
     assert HIST in m
 
 

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from agent.exporter import Exporter, MetricsServer, _Handler
 from tests.conftest import http_get, parse_metrics
@@ -69,9 +69,9 @@ def test_failing_unit_reports_success_zero_and_others_still_answer(caplog: pytes
 
 
 def test_conflicting_types_for_one_name_fail_only_the_second_unit() -> None:
-    class Gauge:
+    class Gauge:  # TYPE line "nodetune_things_total gauge" against Good's "nodetune_things_total counter"
         def collect(self):
-            g = GaugeMetricFamily("nodetune_things", "Things.")
+            g = GaugeMetricFamily("nodetune_things_total", "Things.")
             g.add_metric([], 1)
             return [g]
 
@@ -81,6 +81,27 @@ def test_conflicting_types_for_one_name_fail_only_the_second_unit() -> None:
     m = parse_metrics(exporter.render().decode())
     assert {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]} == {"good": 1, "gauge": 0}
     assert [s.value for s in m["nodetune_things"]] == [1.0]  # nothing of the failed unit leaks in
+
+
+def test_a_histogram_and_a_counter_named_alike_are_two_metrics() -> None:
+    """Histogram x (x_bucket, x_sum, x_count) and counter x_total: distinct in the text format, as
+    nodetune_lock_contention_wait_seconds and nodetune_lock_contention_wait_seconds_total are."""
+
+    class Both:
+        def collect(self):
+            h = HistogramMetricFamily("nodetune_waits_seconds", "Waits.", labels=["t"])
+            h.add_metric(["a"], [("1.0", 1), ("+Inf", 2)], 3.0)
+            c = CounterMetricFamily("nodetune_waits_seconds", "Total wait.", labels=["t", "caller"])
+            c.add_metric(["a", "f"], 3.0)
+            return [h, c]
+
+    exporter = Exporter()
+    exporter.register("both", Both())
+    text = exporter.render().decode()
+    assert "# TYPE nodetune_waits_seconds histogram" in text
+    assert "# TYPE nodetune_waits_seconds_total counter" in text
+    assert 'nodetune_waits_seconds_total{caller="f",t="a"} 3.0' in text
+    assert 'nodetune_waits_seconds_count{t="a"} 2.0' in text
 
 
 def test_duplicate_registration_is_an_error() -> None:

@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,106 +14,7 @@ from agent.collectors.ports import PortsCollector, destination, families_with_so
 from agent.netns import NetnsIndex
 from agent.paths import HostPaths
 from agent.workloads import Workloads
-
-# Listens on the given addresses, accepts forever (so connections reach ESTABLISHED), and opens
-# N client connections to each listener; prints "ok" or the errno of the first failed connect.
-HOLDER = """
-import errno, socket, sys, threading, time
-n = int(sys.argv[1]); targets = sys.argv[2:]
-servers = []
-for t in targets:
-    host, port = t.rsplit(":", 1)
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host.strip("[]"), int(port))); s.listen(4096); servers.append(s)
-accepted = []
-def accept(s):
-    while True:
-        accepted.append(s.accept()[0])
-for s in servers:
-    threading.Thread(target=accept, args=(s,), daemon=True).start()
-clients, result = [], "ok"
-for t in targets:
-    host, port = t.rsplit(":", 1)
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(n):
-        c = socket.socket(fam)
-        try:
-            c.connect((host.strip("[]"), int(port)))
-        except OSError as e:
-            result = errno.errorcode.get(e.errno, str(e.errno)); c.close(); break
-        clients.append(c)
-print(result, len(clients), flush=True)
-cmd = sys.stdin.readline().strip()
-if cmd == "close":
-    for c in clients: c.close()   # clients close first: they hold the TIME_WAIT
-    time.sleep(0.1)
-    for a in accepted: a.close()
-    time.sleep(0.1)
-    print("closed", flush=True)
-    sys.stdin.readline()
-"""
-
-
-class Netns:
-    def __init__(self, port_range: str, reserved: str = "") -> None:
-        self.name = f"nodetune-test-{uuid.uuid4().hex[:8]}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.exec(["ip", "link", "set", "lo", "up"])
-        self.exec(["sysctl", "-qw", f"net.ipv4.ip_local_port_range={port_range}"])
-        if reserved:
-            self.exec(["sysctl", "-qw", f"net.ipv4.ip_local_reserved_ports={reserved}"])
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def exec(self, argv: list[str]) -> str:
-        return subprocess.run(
-            ["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True, check=True
-        ).stdout
-
-    def hold(self, n: int, *targets: str) -> tuple[subprocess.Popen[str], str]:
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, "-c", HOLDER, str(n), *targets],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.procs.append(p)
-        return p, p.stdout.readline().strip()
-
-    def ss_in_use(self, low: int, high: int) -> dict[str, int]:
-        """``ss -tan`` in the namespace: distinct local ports in [low, high] per destination."""
-        ports: dict[str, set[int]] = {}
-        for line in self.exec(["ss", "-tanH"]).splitlines():
-            fields = line.split()
-            state, local, peer = fields[0], fields[3], fields[4]
-            sport = int(local.rsplit(":", 1)[1])
-            if state == "LISTEN" or not low <= sport <= high:
-                continue
-            host, port = peer.rsplit(":", 1)
-            host = host.strip("[]")
-            fam = 10 if ":" in host else 2
-            ports.setdefault(destination(fam, host, int(port)), set()).add(sport)
-        return {d: len(p) for d, p in ports.items()}
-
-    def remove(self) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
-        subprocess.run(["ip", "netns", "delete", self.name], check=False)
-
-
-@pytest.fixture
-def netns() -> Iterator[callable]:
-    made: list[Netns] = []
-
-    def make(port_range: str, reserved: str = "") -> Netns:
-        ns = Netns(port_range, reserved)
-        made.append(ns)
-        return ns
-
-    yield make
-    for ns in made:
-        ns.remove()
+from tests.netns import HOLDER
 
 
 def scrape(collector: PortsCollector) -> dict[str, dict[tuple[str, ...], float]]:
@@ -236,7 +135,7 @@ def test_agrees_with_ss_on_thousands_of_sockets_in_mixed_states(netns) -> None:
 @pytest.mark.root
 def test_namespace_held_only_by_a_process_is_found_by_the_scan() -> None:
     """No name, no pod: found by the /proc scan, labelled net:[inode]."""
-    script = f"ip link set lo up && exec {sys.executable} -c '{HOLDER}' 3 127.0.0.1:30000"
+    script = f"ip link set lo up && exec {sys.executable} -c '{HOLDER}' 3 0 127.0.0.1:30000"
     p = subprocess.Popen(
         ["unshare", "-n", "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )

@@ -1,0 +1,135 @@
+"""connect() port-allocation probe: per-workload time to choose a local port, and connects that
+found none free (EADDRNOTAVAIL from the ephemeral port search).
+
+Kernel interfaces (``connect.bpf.c``): the ``sock:inet_sock_set_state`` tracepoint as a raw
+tracepoint, and a ``sock_ops`` program (``BPF_SOCK_OPS_TCP_CONNECT_CB``) attached to the cgroup v2
+root as a BPF link (``probes/bpfsys.py``: detached when the agent's fd closes, alongside any other
+program on that hook). Offsets of ``sock.sk_protocol`` and ``sock_common.skc_num`` from BTF.
+
+Exported: ``nodetune_connect_port_search_seconds`` (histogram) and
+``nodetune_connect_port_allocation_failures_total``, both with the workload labels.
+
+What the strategy measures and misses: README, "connect() port allocation". fentry/fexit (or
+kprobes) on ``__inet_hash_connect`` would time the search alone, but the development kernel
+refuses tracing programs (EPERM) and has no kprobes, so no such strategy ships untested.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+from prometheus_client.metrics_core import Metric
+
+from probes import bpfsys
+from probes.base import Probe
+from probes.btf import BTFError
+from probes.families import CompactHistogram, CompactScalar
+from probes.histogram import NSLOTS, ROW_WORDS
+from probes.rows import RowSet
+from probes.settings import Setting
+
+log = logging.getLogger(__name__)
+
+STATE_SOCKOPS = "tracepoint+sock_ops"
+HIST = "connect_port_search_seconds"
+FAILURES_WORD = ROW_WORDS  # after the histogram's slots and sum
+
+
+class ConnectProbe(Probe):
+    """See module docstring."""
+
+    name = "connect"
+    strategies = (STATE_SOCKOPS,)
+    source_file = "connect.bpf.c"
+    settings = (
+        Setting("max_cgroups", 1024, "in-kernel per-workload rows (208 B x CPUs each)", maximum=65536),
+        Setting(
+            "search_slots",
+            4096,
+            "port searches in flight at once, direct-mapped by socket (24 B each)",
+            minimum=64,
+            maximum=1 << 20,
+            power_of_two=True,
+        ),
+    )
+    stat_reasons = ("slot_busy",)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._link_fd: int | None = None
+
+    def row_sets(self) -> tuple[RowSet, ...]:
+        return (RowSet(HIST, ROW_WORDS + 1, self.config["max_cgroups"]),)
+
+    def _offsets(self) -> tuple[int, int] | str:
+        btf = self.kernel.btf
+        if btf is None:
+            return f"no kernel BTF at {self.kernel.btf_path} for struct sock offsets"
+        try:
+            protocol = btf.member("sock", "sk_protocol")
+            num = btf.member("sock_common", "skc_num")
+        except BTFError as e:  # sk_protocol is a bitfield before 5.6
+            return f"struct sock layout not readable: {e}"
+        if protocol.size != 2 or num.size != 2:
+            return f"unexpected sizes: sk_protocol {protocol.size} B, skc_num {num.size} B"
+        return protocol.offset, num.offset
+
+    def unsupported(self, strategy: str) -> str | None:
+        if self.kernel.cgroup2_root is None:
+            return "no cgroup v2 hierarchy mounted to attach the sock_ops program to"
+        btf = self.kernel.btf
+        if btf is not None and not btf.has_function("__traceiter_inet_sock_set_state"):
+            return "no sock:inet_sock_set_state tracepoint (kernel < 4.16)"
+        offsets = self._offsets()
+        return offsets if isinstance(offsets, str) else None
+
+    def cflags(self, strategy: str) -> list[str]:
+        offsets = self._offsets()
+        if isinstance(offsets, str):
+            raise ValueError(offsets)
+        return [
+            "-DSTRATEGY_STATE_SOCKOPS",
+            f"-DSEARCH_SLOTS={self.config['search_slots']}",
+            f"-DFAILURES_WORD={FAILURES_WORD}",
+            f"-DSK_PROTOCOL_OFF={offsets[0]}",
+            f"-DSKC_NUM_OFF={offsets[1]}",
+        ]
+
+    def _after_load(self, strategy: str) -> None:
+        from bcc import BPF  # loaded: BCC is importable
+
+        fn = self._bpf.load_func(b"connect_sockops", BPF.SOCK_OPS)
+        cgroup_fd = os.open(str(self.kernel.cgroup2_root), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._link_fd = bpfsys.link_create(fn.fd, cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS)
+        finally:
+            os.close(cgroup_fd)
+        log.info("connect: sock_ops linked to %s", self.kernel.cgroup2_root)
+
+    def _close_bpf(self) -> None:
+        if self._link_fd is not None:
+            os.close(self._link_fd)  # the link's last fd: the program leaves the cgroup
+            self._link_fd = None
+        super()._close_bpf()
+
+    # --- scrape time ----------------------------------------------------------------------
+    def collect_loaded(self) -> Iterable[Metric]:
+        hist = CompactHistogram(
+            "nodetune_" + HIST,
+            "Time the kernel spent choosing a local port for a TCP connect() (from the SYN_SENT "
+            "state change before the port search to the connect callback after it), per workload.",
+            labels=self.labeler.label_names,
+        )
+        failures = CompactScalar(
+            "nodetune_connect_port_allocation_failures_total",
+            "TCP connect() calls that failed because no local port was free for the destination "
+            "(EADDRNOTAVAIL from the port search), per workload.",
+            "counter",
+            self.labeler.label_names,
+        )
+        for labels, words in sorted(self.series(HIST).items()):
+            hist.add(labels, words[:NSLOTS], words[NSLOTS] / 1e9)
+            failures.add(labels, words[FAILURES_WORD])
+        return [hist, failures]

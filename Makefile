@@ -3,7 +3,7 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network clean
+.PHONY: run test lint deps test-deps bench-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network bench-locks clean
 
 deps:
 	@bash scripts/bootstrap.sh run
@@ -24,7 +24,7 @@ lint: test-deps
 test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: bench-overhead bench-scrape bench-throttling bench-storm bench-network
+bench: bench-overhead bench-scrape bench-throttling bench-storm bench-network bench-locks
 
 bench-overhead: bench-deps
 	$(VENV)/bin/python bench/runqlat_overhead.py $(ARGS)
@@ -41,6 +41,9 @@ bench-storm: bench-deps
 bench-network: bench-deps
 	$(VENV)/bin/python bench/network_cost.py $(NETWORK_ARGS)
 	$(VENV)/bin/python bench/network_cost.py --child-ehash 1024 $(NETWORK_ARGS)
+
+bench-locks: bench-deps
+	$(VENV)/bin/python bench/lock_connect_overhead.py $(LOCK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

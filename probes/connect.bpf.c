@@ -45,7 +45,7 @@ static __always_inline struct search *search_slot(u64 task)
 
 static __always_inline u64 *workload_row(u64 wid)
 {
-    int row = connect_port_search_seconds_row_of(wid);
+    int row = connect_port_search_seconds_row_cached(wid);
     return row < 0 ? 0 : connect_port_search_seconds_at(row);
 }
 

@@ -75,8 +75,8 @@ struct wait {
     u64 wid;   /* workload of the waiting task */
     u32 wrow;  /* its workload row, or NO_ROW */
     u32 crow;  /* caller row, or NO_ROW */
-    u32 type;  /* LT_* */
-    u32 pad;
+    u32 type;    /* LT_* */
+    u32 sampled; /* its stack was walked (see walk_budget) */
 };
 
 struct spin_stack {
@@ -100,6 +100,23 @@ struct pair {
 
 BPF_PERCPU_ARRAY(lockstat_spin, struct spin_stack, 1);
 BPF_PERCPU_ARRAY(lockstat_frames, struct frames, 1);
+
+/*
+ * Stack walks are the probe's one expensive step (bpf_get_stack ~2.5 us here: the unwinder walks
+ * the BPF and tracing frames too). Each CPU walks at most WALKS_PER_WINDOW stacks per 10 ms
+ * window. A contention beyond that is still counted exactly by type and workload; for callers its
+ * count and wait wait in this CPU's pool of its lock type until the next sampled contention of
+ * that type ends on this CPU, which takes them to its caller. Totals per type are conserved, the
+ * split between callers follows the samples, and below the budget every caller count is exact.
+ */
+#define WINDOW_NS 10000000ULL
+struct walk_budget {
+    u64 window; /* ts / WINDOW_NS of the current window */
+    u64 walks;  /* stacks walked in it */
+    u64 count[NTYPES]; /* per lock type: unsampled contentions not yet given to a caller */
+    u64 ns[NTYPES];    /* and their wait */
+};
+BPF_PERCPU_ARRAY(lockstat_budget, struct walk_budget, 1);
 BPF_TASK_STORAGE(lockstat_task, struct wait);
 BPF_PERCPU_ARRAY(lock_contention_wait_seconds, struct hist_row, NTYPES);
 BPF_PERCPU_ARRAY(lock_caller_unknown, struct pair, NTYPES); /* no caller found, or no caller row */
@@ -142,9 +159,24 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
     w->ts = ts;
     w->type = type;
     w->wid = workload_id();
-    int row = workload_lock_wait_seconds_row_of(w->wid);
+    int row = workload_lock_wait_seconds_row_cached(w->wid);
     w->wrow = row < 0 ? NO_ROW : (u32)row;
-    w->crow = caller_row(ctx, type);
+    w->crow = NO_ROW;
+    w->sampled = 0;
+    u32 zero = 0;
+    struct walk_budget *b = lockstat_budget.lookup(&zero);
+    if (b) {
+        u64 window = ts / WINDOW_NS;
+        if (b->window != window) {
+            b->window = window;
+            b->walks = 0;
+        }
+        if (b->walks < WALKS_PER_WINDOW) {
+            b->walks++;
+            w->sampled = 1;
+            w->crow = caller_row(ctx, type);
+        }
+    }
     w->lock = lock; /* last: the slot is complete */
 }
 
@@ -155,17 +187,30 @@ static __always_inline void finish_wait(struct wait *w, u64 now)
     struct hist_row *h = lock_contention_wait_seconds.lookup(&type);
     if (h)
         hist_add(h->w, ns);
-    if (w->crow != NO_ROW) {
-        u64 *c = lock_callers_at(w->crow);
-        if (c) {
-            c[0]++;
-            c[1] += ns;
-        }
-    } else {
-        struct pair *u = lock_caller_unknown.lookup(&type);
-        if (u) {
-            u->count++;
-            u->ns += ns;
+    u32 zero = 0;
+    struct walk_budget *b = lockstat_budget.lookup(&zero);
+    u32 t = type;
+    asm volatile("" : "+r"(t)); /* keep the bound check next to the access (see hist_add) */
+    if (b && t < NTYPES) {
+        if (!w->sampled) {
+            b->count[t]++;
+            b->ns[t] += ns;
+        } else {
+            u64 n = 1 + b->count[t];
+            u64 total = ns + b->ns[t];
+            b->count[t] = 0;
+            b->ns[t] = 0;
+            u64 *c = w->crow != NO_ROW ? lock_callers_at(w->crow) : 0;
+            if (c) {
+                c[0] += n;
+                c[1] += total;
+            } else {
+                struct pair *u = lock_caller_unknown.lookup(&type);
+                if (u) {
+                    u->count += n;
+                    u->ns += total;
+                }
+            }
         }
     }
     if (w->wrow != NO_ROW && workload_lock_wait_seconds_owned(w->wrow, w->wid)) {

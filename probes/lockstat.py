@@ -75,6 +75,12 @@ class LockstatProbe(Probe):
             maximum=65536,
         ),
         Setting("max_cgroups", 1024, "in-kernel per-workload rows (80 B x CPUs each)", maximum=65536),
+        Setting(
+            "stack_walks",
+            500,
+            "caller stack walks per second per CPU (~2.5 us each); beyond it callers are sampled",
+            maximum=1_000_000,
+        ),
     )
     stat_reasons = ("spin_nesting", "no_task_slot")
     info_stats = ("end_missed",)  # a frame dropped because its end never came (recursion guard)
@@ -90,7 +96,7 @@ class LockstatProbe(Probe):
 
     def row_sets(self) -> tuple[RowSet, ...]:
         return (
-            RowSet(CALLERS, 2, self.config["max_callers"], full_reason="caller_map_full", per_workload=False),
+            RowSet(CALLERS, 2, self.config["max_callers"], full_reason="caller_map_full", per_workload=False, cache=0),
             RowSet(WORKLOAD, len(LOCK_TYPES), self.config["max_cgroups"]),
         )
 
@@ -118,6 +124,7 @@ class LockstatProbe(Probe):
             *(f"-DLT_{t.upper()}={i}" for i, t in enumerate(LOCK_TYPES)),
             f"-DSPIN_DEPTH={SPIN_DEPTH}",
             f"-DMAX_FRAMES={MAX_FRAMES}",
+            f"-DWALKS_PER_WINDOW={max(1, self.config['stack_walks'] // 100)}",  # 10 ms windows
             f"-DLOCK_TEXT_START={text[0]:#x}ULL",
             f"-DLOCK_TEXT_END={text[1]:#x}ULL",
         ]

@@ -22,33 +22,13 @@
  * Nothing is sent to user space: user space reads the rows when Prometheus scrapes.
  */
 
-/*
- * A per-CPU cache of workload id -> histogram row, direct-mapped (ROW_CACHE entries, a power of
- * two): the hash lookup in <rows>_row_of() happens once per cgroup per CPU, not per event. Keyed
- * by the cgroup id (unique, never reused) and checked against the row's owner, so an entry can be
- * stale but never wrong.
- */
-struct row_cache {
-    u64 wid;
-    u32 row;
-    u32 pad;
-};
-BPF_PERCPU_ARRAY(runqlat_row_cache, struct row_cache, ROW_CACHE);
-
+/* Per-CPU cached row lookup (probes/rows.py): the hash lookup once per cgroup per CPU. */
 static __always_inline void charge(u64 wid, u64 delta)
 {
-    u32 i = (u32)(wid ^ (wid >> 17)) & (ROW_CACHE - 1);
-    struct row_cache *c = runqlat_row_cache.lookup(&i);
-    if (!c)
+    int row = runqueue_latency_seconds_row_cached(wid);
+    if (row < 0)
         return;
-    if (c->wid != wid || !runqueue_latency_seconds_owned(c->row, wid)) {
-        int row = runqueue_latency_seconds_row_of(wid);
-        if (row < 0)
-            return;
-        c->wid = wid;
-        c->row = row;
-    }
-    u64 *w = runqueue_latency_seconds_at(c->row);
+    u64 *w = runqueue_latency_seconds_at(row);
     if (w)
         hist_add(w, delta);
 }

@@ -70,7 +70,6 @@ class RunqlatProbe(Probe):
     )
     stat_reasons = ("unattributed", "pid_slot_evicted")
     info_stats = ("next_probe_read",)  # the incoming task was read with a probe read, not rq->curr
-    row_cache = 256  # per-CPU workload -> row cache entries (16 B each)
 
     def __init__(self, *args: object, task_btf: bool | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -133,7 +132,7 @@ class RunqlatProbe(Probe):
 
     def cflags(self, strategy: str) -> list[str]:
         pid_slots = pid_slots_for(self._pid_max(), self.config["max_pid_slots"])
-        flags = [f"-DROW_CACHE={self.row_cache}"]
+        flags: list[str] = []
         if strategy == RAW_TRACEPOINT:
             offsets = self._sched_info_offsets()
             if isinstance(offsets, str):

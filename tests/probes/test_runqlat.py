@@ -75,6 +75,7 @@ def test_render_raw_tracepoint_uses_sched_info_offsets_from_btf(tmp_path: Path) 
     assert "RAW_TRACEPOINT_PROBE(sched_switch)" in text
     assert "BPF_PERCPU_ARRAY(runqueue_latency_seconds, struct runqueue_latency_seconds_row, 64)" in text
     assert "static __always_inline u32 latency_slot(u64 ns)" in text  # the shared prelude comes first
+    assert "BPF_PERCPU_ARRAY(runqueue_latency_seconds_cache, struct runqueue_latency_seconds_cache_entry, 256)" in text
     assert "runqlat_pid_slots" not in text.split("#ifdef STRATEGY_TP")[0]  # no per-task state
     assert cflags == [
         f"-DNSLOTS={NSLOTS}",
@@ -84,7 +85,6 @@ def test_render_raw_tracepoint_uses_sched_info_offsets_from_btf(tmp_path: Path) 
         "-DSTAT_PID_SLOT_EVICTED=2",
         "-DSTAT_NEXT_PROBE_READ=3",
         "-DTASK_BTF",  # plain loads through bpf_get_current_task_btf()
-        "-DROW_CACHE=256",
         "-DSTRATEGY_SCHEDINFO",
         "-DRUN_DELAY_OFF=1016",
         "-DTASK_PID_OFF=1500",

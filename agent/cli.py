@@ -1,6 +1,7 @@
-"""Command line: ``nodetune run`` and ``nodetune probes``.
+"""Command line: ``nodetune run``, ``nodetune probes`` and ``nodetune tune`` (agent/tuning/command.py).
 
-Exit codes: 0 done; 2 invalid input (nothing was touched). Every flag is validated, whole, by
+Exit codes: 0 done; 2 invalid input (nothing was touched); ``tune`` adds 1 (pending or drift) and
+3 (apply failed, rolled back). Every flag is validated, whole, by
 ``AgentConfig`` before the host is touched.
 """
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ports-top-destinations", type=int, default=5, help="destinations per namespace with a series (default 5)"
     )
     run.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster inside a pod, else no API)")
+    run.add_argument("--profile", default=None, help="tuning profile YAML (default: the built-in one, observe only)")
+    run.add_argument("--mode", default="observe", help="observe (default: report only) or enforce (apply, fix drift)")
     run.add_argument(
         "--workload-series-grace",
         type=float,
@@ -88,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(probes, log_level="warning")
     probes.add_argument("--json", action="store_true", help="machine-readable output")
     probes.add_argument("--print-c", metavar="PROBE", help=argparse.SUPPRESS)  # hidden: generated C + cflags
+
+    from agent.tuning import command as tune_command
+
+    tune_command.add_parser(sub)
     return parser
 
 
@@ -111,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             node_name=args.node_name or os.environ.get("NODE_NAME", ""),
             ports_top_destinations=args.ports_top_destinations,
             kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+            profile=Path(args.profile) if args.profile else None,
+            mode=args.mode,
         )
     return AgentConfig(**kwargs)  # type: ignore[arg-type]
 
@@ -164,6 +173,11 @@ def cmd_probes(config: AgentConfig, as_json: bool, print_c: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        from agent.tuning import command as tune_command
+
+        logs.setup("info")
+        return tune_command.run(args)
     try:
         config = config_from_args(args)
     except ConfigError as e:

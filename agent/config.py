@@ -65,6 +65,21 @@ def parse_collectors(value: str) -> tuple[str, ...]:
     return parse_names("--collectors", value, COLLECTORS)
 
 
+def check_profile_file(path: Path, host_root: Path) -> None:
+    """Every profile in the file parses and fits this host (reads only); raises ConfigError."""
+    from agent.tuning.base import TuningHost
+    from agent.tuning.profile import ProfileError, parse
+    from agent.tuning.validate import build
+
+    try:
+        for profile in parse(path.read_text()):
+            build(profile, TuningHost(host_root))
+    except OSError as e:
+        raise ConfigError(f"--profile {path}: {e.strerror}") from None
+    except ProfileError as e:
+        raise ConfigError(f"--profile {path}: {e}") from None
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Settings of ``nodetune run``."""
@@ -105,6 +120,10 @@ class AgentConfig:
     ports_top_destinations: int = 5
     """Destinations per network namespace exported by ``nodetune_ephemeral_ports_in_use`` (the busiest;
     saturation covers all of them). Bounds label cardinality: namespaces x this."""
+    profile: Path | None = None
+    """Tuning profile file (``--profile``); None: the built-in default profile (observe mode only)."""
+    mode: str = "observe"
+    """``observe`` reports what the profile would change; ``enforce`` applies it and re-applies drift."""
     maintain_interval_s: float = 5.0
     """Period of the agent's housekeeping timer (row reclaim, relabelling), jittered by +-20 %."""
 
@@ -134,3 +153,9 @@ class AgentConfig:
             raise ConfigError(f"--kubeconfig {self.kubeconfig}: not a file")
         if not self.host_root.is_dir():
             raise ConfigError(f"--host-root {self.host_root}: not a directory")
+        if self.mode not in ("observe", "enforce"):
+            raise ConfigError(f"--mode {self.mode!r}: expected observe or enforce")
+        if self.mode == "enforce" and self.profile is None:
+            raise ConfigError("--mode enforce needs --profile: the built-in profile is for observe mode only")
+        if self.profile is not None:
+            check_profile_file(self.profile, self.host_root)

@@ -33,6 +33,8 @@ from agent.exporter import Exporter, MetricsServer
 from agent.kube import KubeWatch, api_client
 from agent.netns import NetnsIndex
 from agent.paths import HostPaths
+from agent.tuning.base import TuningHost
+from agent.tuning.unit import TuningUnit
 from agent.workloads import Workloads
 from probes import PROBES
 from probes.base import CPU_V1, KernelFacts, Probe, ProbeUnavailable
@@ -203,6 +205,7 @@ class Agent:
         factories = {name: f for name, f in factories.items() if name in self.config.collectors}
         if self.kube is not None:
             factories["kube"] = lambda: self.kube
+        factories["tuning"] = self._tuning_unit
         for name, factory in factories.items():
             try:
                 unit = factory()
@@ -211,6 +214,18 @@ class Agent:
                 unit = FailedUnit(e)
             self.collectors[name] = unit
             self.exporter.register(name, unit)
+
+    def _tuning_unit(self) -> TuningUnit:
+        kube = self.kube
+
+        def node_labels() -> dict[str, str] | None:
+            # Labels only once the Node has been read: until then only unconditional profiles match.
+            return dict(kube.node_labels) if kube is not None and kube.node_labels_version else None
+
+        host = TuningHost(self.config.host_root)
+        unit = TuningUnit(host, self.config.profile, self.config.mode, node_labels)
+        unit.maintain()  # the first report (or apply, in enforce mode) without waiting for the timer
+        return unit
 
     def start_loading(self) -> None:
         """Load the probes on a thread of their own (and start the API watch); the main loop keeps

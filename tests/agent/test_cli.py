@@ -55,6 +55,9 @@ def test_probes() -> None:
         {"cgroup_hierarchy": "v3"},
         {"workload_series_grace_s": -1},
         {"host_root": Path("/nonexistent")},
+        {"mode": "yolo"},
+        {"mode": "enforce"},  # enforce needs an explicit profile
+        {"profile": Path("/nonexistent/profile.yaml")},
     ],
 )
 def test_bad_settings(kwargs: dict) -> None:
@@ -73,6 +76,10 @@ def test_bad_settings(kwargs: dict) -> None:
         ["run", "--cgroup-hierarchy", "v3"],
         ["run", "--collectors", "throttling,sockets"],
         ["probes", "--probes", "bogus"],
+        ["run", "--mode", "enforce"],
+        ["run", "--profile", "/nonexistent.yaml"],
+        ["run", "--lockstat-top-callers", "0"],
+        ["run", "--connect-search-slots", "1000"],
     ],
 )
 def test_bad_flags_exit_2_and_touch_nothing(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -119,3 +126,10 @@ def test_every_probe_setting_has_a_flag() -> None:
     for name, cls in PROBES.items():
         for setting in cls.settings:
             assert setting.flag(name) in help_text
+
+
+def test_run_rejects_a_profile_that_does_not_fit_the_host(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("profiles:\n  - name: ok\n  - name: bad\n    sysctl: {net.core.no_such_key: 1}\n")
+    assert main(["run", "--profile", str(profile), "--mode", "enforce", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "sysctl.net.core.no_such_key: no such kernel parameter" in capsys.readouterr().err

@@ -99,6 +99,7 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
         "throttling": 1.0,
         "listen": 1.0,
         "ports": 1.0,
+        "tuning": 1.0,
     }
 
 
@@ -196,6 +197,7 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -
         "throttling": 1.0,
         "listen": 1.0,
         "ports": 1.0,
+        "tuning": 1.0,
         "raising": 0.0,
     }
     assert HIST in m
@@ -306,6 +308,7 @@ def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> 
         "throttling": 1.0,
         "listen": 1.0,
         "ports": 1.0,
+        "tuning": 1.0,
         "kube": 1.0,
     }
     assert HIST in m

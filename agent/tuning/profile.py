@@ -1,0 +1,132 @@
+"""Tuning profiles: the YAML schema (pydantic), selection by node labels, and the built-in default.
+
+A file holds one profile (a mapping with ``name``) or several (``profiles: [...]``), each with an
+optional node-label ``selector`` and a ``priority``. Parsing never touches the host: any input gives
+a list of profiles or a :class:`ProfileError` naming the bad field (the property test in
+``tests/agent/tuning/test_profile.py`` feeds it arbitrary YAML). Checks that need the host (does
+the sysctl exist, which THP values does this kernel offer) are in ``agent/tuning/validate.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$")  # dots only: never a path
+SYSCTL_VALUE = re.compile(r"^(>=\s*\d+|[^\s][^\n]*)$")
+THP_MODES = ("always", "madvise", "never")
+THP_DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
+
+
+class ProfileError(ValueError):
+    """The profile is invalid; the message names the field."""
+
+
+class THP(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: Literal["always", "madvise", "never"] | None = None
+    defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] | None = None
+
+
+class Profile(BaseModel):
+    """One profile; every section optional. See README "Tuning" for each item."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    selector: dict[str, str] = Field(default_factory=dict)  # node labels that must all match
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    sysctl: dict[str, str] = Field(default_factory=dict)
+    thp: THP | None = None
+
+    @field_validator("sysctl", mode="before")
+    @classmethod
+    def _sysctl_values(cls, v: object) -> object:
+        if not isinstance(v, Mapping):
+            return v
+        out = {}
+        for key, value in v.items():
+            if not isinstance(key, str) or not SYSCTL_KEY.match(key):
+                raise ValueError(f"sysctl key {key!r}: expected dotted names like net.core.somaxconn")
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise ValueError(f"sysctl {key}: value {value!r} must be a number or a string")
+            text = str(value).strip()
+            if not text or not SYSCTL_VALUE.match(text):
+                raise ValueError(f"sysctl {key}: value {value!r} is empty or malformed")
+            out[key] = " ".join(text.split()) if not text.startswith(">=") else ">=" + text[2:].strip()
+        return out
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.selector.items())
+
+    def items(self) -> list[str]:
+        """The item sections this profile sets."""
+        return [name for name in ("sysctl", "thp") if getattr(self, name)]
+
+
+class ProfileFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    profiles: list[Profile] = Field(min_length=1)
+
+
+def _location(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{where}: {first['msg']}"
+
+
+def parse(text: str) -> list[Profile]:
+    """Profiles in a YAML document; raises ProfileError (never another exception)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProfileError(f"not YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # e.g. yaml's int overflow or deeply nested input
+        raise ProfileError(f"not YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ProfileError("a profile is a mapping with a name (or a mapping with 'profiles: [...]')")
+    try:
+        profiles = ProfileFile.model_validate(data).profiles if "profiles" in data else [Profile.model_validate(data)]
+    except ValidationError as e:
+        raise ProfileError(_location(e)) from None
+    except RecursionError as e:
+        raise ProfileError(f"nested too deeply: {e}") from None
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise ProfileError(f"profiles: names repeat ({', '.join(sorted(names))})")
+    return profiles
+
+
+def select(profiles: list[Profile], labels: Mapping[str, str] | None) -> Profile | None:
+    """The matching profile with the highest priority (then the most specific selector, then the
+    first). Without node labels only an unconditional profile (no selector) matches."""
+    known = labels or {}
+    candidates = [
+        (p.priority, len(p.selector), -i, p)
+        for i, p in enumerate(profiles)
+        if (p.matches(known) if labels is not None else not p.selector)
+    ]
+    return max(candidates, key=lambda c: c[:3])[3] if candidates else None
+
+
+# The seeds' recommendations (README "Tuning", value by value). Observe mode by default: it
+# reports what it would change and changes nothing.
+DEFAULT_PROFILE = """
+name: nodetune-default
+sysctl:
+  net.core.somaxconn: ">=4096"
+  net.ipv4.tcp_max_syn_backlog: ">=8192"
+  fs.file-max: ">=1048576"
+  net.ipv4.ip_local_port_range: "10240 65000"
+  vm.max_map_count: ">=262144"
+thp:
+  enabled: never
+  defrag: never
+"""
+
+
+def default_profile() -> Profile:
+    return parse(DEFAULT_PROFILE)[0]

@@ -209,7 +209,7 @@ def test_after_a_reboot_originals_are_re_read_not_restored(host: Path) -> None:
     boot_id.chmod(0o644)
     boot_id.write_text("99999999-2222-3333-4444-555555555555\n")
     (host / "proc/sys/net/core/somaxconn").write_text("128\n")  # the kernel's boot value
-    code, out, err = tune("revert", host, profile=None)
+    code, _, err = tune("revert", host, profile=None)
     assert code == 0 and "rebooted since the journal was written" in err
     assert value(host, "proc/sys/net/core/somaxconn") == "128"  # not the pre-reboot 4096
     assert tune("apply", host)[0] == 0

@@ -12,7 +12,7 @@ VENV=${VENV:-.venv}
 pkgs=(python3-bpfcc python3-venv)
 case "$what" in
   run) ;;
-  test) pkgs+=(prometheus linux-perf) ;;
+  test) pkgs+=(prometheus linux-perf irqbalance) ;;
   bench) pkgs+=(bpfcc-tools linux-perf) ;;
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac

@@ -31,6 +31,10 @@ class TuningError(Exception):
     """A write or read-back failed; the message names the item and key."""
 
 
+class Unchangeable(TuningError):
+    """The kernel will never take this write (an IRQ it cannot move): skip the key, not the run."""
+
+
 @dataclass(frozen=True)
 class TuningHost:
     """Where the host's files are: ``root`` is the host's ``/`` (``--host-root``)."""

@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from agent.tuning.base import Change, TuningError, TuningHost, TuningItem
+from agent.tuning.base import Change, TuningError, TuningHost, TuningItem, Unchangeable
+from agent.tuning.irq_affinity import IrqAffinityItem
+from agent.tuning.irqbalance import IrqbalanceItem
 from agent.tuning.journal import Entry, Journal
+from agent.tuning.kmod import KmodItem
 from agent.tuning.profile import THP
 from agent.tuning.sysctl import SysctlItem
 from agent.tuning.thp import ThpItem
@@ -39,6 +42,12 @@ def writer(host: TuningHost, item: str) -> TuningItem:
         return SysctlItem(host, {})
     if item == "thp":
         return ThpItem(host, THP())
+    if item == "irqbalance":
+        return IrqbalanceItem(host, None)
+    if item == "irq_affinity":
+        return IrqAffinityItem(host, None)
+    if item == "kmod":
+        return KmodItem(host, [])
     raise TuningError(f"journal names an unknown item {item!r}")
 
 
@@ -77,7 +86,7 @@ class Engine:
                 if entry.run != run:
                     continue
                 item, key = jk.split("/", 1)
-                writer(self.host, item).write(key, entry.original)
+                (self.items.get(item) or writer(self.host, item)).write(key, entry.original)
                 undone.append(jk)
                 del j.entries[jk]
             j.applying = None
@@ -106,33 +115,40 @@ class Engine:
         }
 
     def apply(self) -> list[Change]:
+        """Apply item by item, each planned just before it is applied: an item can depend on an
+        earlier one (IRQs are pinned only once irqbalance is stopped)."""
         j = self.load()
-        changes = self.plan()
-        if not changes:
+        if not self.plan() and not any(isinstance(i, IrqAffinityItem) for i in self.items.values()):
             return []
-        j.run += 1
-        run = j.run
-        j.applying = run
-        j.profile = self.profile
-        j.save()
+        run = j.run + 1
+        opened = False
         done: list[Change] = []
         try:
-            for c in changes:
-                jk = Journal.key(c.item, c.key)
-                if jk not in j.entries:
-                    j.entries[jk] = Entry(c.old, run)
-                    j.save()
-                self.on_step(f"journal {jk}")
-                item = self.items[c.item]
-                try:
-                    item.write(c.key, c.new)
-                except OSError as e:
-                    raise TuningError(f"{c.item} {c.key}: write {c.new!r} failed: {e.strerror or e}") from None
-                done.append(c)
-                self.on_step(f"write {jk}")
-                back = item.read(c.key)
-                if not item.same(c.key, back, c.new):
-                    raise TuningError(f"{c.item} {c.key}: wrote {c.new!r} but it reads back {back!r}")
+            for item in self.items.values():
+                for c in item.plan():
+                    if not opened:  # the run opens with its first change
+                        j.run, j.applying, j.profile, opened = run, run, self.profile, True
+                        j.save()
+                    jk = Journal.key(c.item, c.key)
+                    if jk not in j.entries:
+                        j.entries[jk] = Entry(c.old, run)
+                        j.save()
+                    self.on_step(f"journal {jk}")
+                    try:
+                        item.write(c.key, c.new)
+                    except Unchangeable as e:
+                        self.messages.append(str(e))
+                        if j.entries[jk].run == run:
+                            del j.entries[jk]
+                            j.save()
+                        continue
+                    except OSError as e:
+                        raise TuningError(f"{c.item} {c.key}: write {c.new!r} failed: {e.strerror or e}") from None
+                    done.append(c)
+                    self.on_step(f"write {jk}")
+                    back = item.read(c.key)
+                    if not item.same(c.key, back, c.new):
+                        raise TuningError(f"{c.item} {c.key}: wrote {c.new!r} but it reads back {back!r}")
         except (OSError, TuningError) as e:
             unrestored: list[str] = []
             for c in reversed(done):
@@ -147,10 +163,12 @@ class Engine:
             j.applying = None
             self._store(j)
             raise ApplyFailed(str(e), done, unrestored) from None
+        if not opened:
+            return []
         j.applying = None
-        j.save()
+        self._store(j)
         self.on_step("done")
-        return changes
+        return done
 
     def revert(self) -> list[Change]:
         """Put back every journaled original and clear the journal."""
@@ -158,12 +176,12 @@ class Engine:
         restored = []
         for jk, entry in sorted(j.entries.items()):
             item, key = jk.split("/", 1)
-            w = writer(self.host, item)
+            w = self.items.get(item) or writer(self.host, item)
             current = w.read(key)
             if not w.same(key, current, entry.original):
                 try:
                     w.write(key, entry.original)
-                except OSError as e:
+                except (OSError, TuningError) as e:
                     self._store(j)
                     raise ApplyFailed(
                         f"{item} {key}: restoring {entry.original!r} failed: {e}", restored, [jk]

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$")  # dots only: never a path
 SYSCTL_VALUE = re.compile(r"^(>=\s*\d+|[^\s][^\n]*)$")
 THP_MODES = ("always", "madvise", "never")
+ITEMS = ("sysctl", "thp", "irqbalance", "irq_affinity", "kmod")  # apply order: irqbalance before pinning
 THP_DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
 
 
@@ -32,6 +33,42 @@ class THP(BaseModel):
     defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] | None = None
 
 
+class Irqbalance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool
+
+
+class IrqAffinity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    interfaces: list[str] = Field(min_length=1)
+    cpus: str  # a kernel CPU list, checked against the online CPUs by validate.py
+    mode: Literal["pin", "spread"] = "pin"  # pin: every IRQ on the whole list; spread: one CPU each
+    avoid_exclusive_cpus: bool = True  # leave out CPUs the kubelet's static CPU manager gave pods
+
+    @field_validator("interfaces")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", name) or name in (".", ".."):
+                raise ValueError(f"interface {name!r}: not an interface name")
+        return v
+
+
+class Kmod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    load: list[str] = Field(min_length=1)
+
+    @field_validator("load")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        from agent.tuning.kmod import ALLOWED
+
+        for name in v:
+            if name not in ALLOWED:
+                raise ValueError(f"module {name!r} is not in the allowlist ({', '.join(ALLOWED)})")
+        return list(dict.fromkeys(v))
+
+
 class Profile(BaseModel):
     """One profile; every section optional. See README "Tuning" for each item."""
 
@@ -41,6 +78,9 @@ class Profile(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000)
     sysctl: dict[str, str] = Field(default_factory=dict)
     thp: THP | None = None
+    irqbalance: Irqbalance | None = None
+    irq_affinity: IrqAffinity | None = None
+    kmod: Kmod | None = None
 
     @field_validator("sysctl", mode="before")
     @classmethod
@@ -64,7 +104,7 @@ class Profile(BaseModel):
 
     def items(self) -> list[str]:
         """The item sections this profile sets."""
-        return [name for name in ("sysctl", "thp") if getattr(self, name)]
+        return [name for name in ITEMS if getattr(self, name)]
 
 
 class ProfileFile(BaseModel):

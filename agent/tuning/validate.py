@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 
 from agent.tuning.base import TuningHost, TuningItem, read_text
+from agent.tuning.cpulist import CpuListError, format_cpulist, parse_cpulist
+from agent.tuning.irq_affinity import IrqAffinityItem, online_cpus
+from agent.tuning.irqbalance import IrqbalanceItem
+from agent.tuning.kmod import KmodItem
 from agent.tuning.profile import Profile, ProfileError
 from agent.tuning.sysctl import SysctlItem, key_path, per_netns
 from agent.tuning.thp import ThpItem, offered
@@ -81,6 +85,26 @@ def build(profile: Profile, host: TuningHost) -> tuple[list[TuningItem], list[st
             if value not in modes:
                 problems.append(f"thp.{key}: {value!r} not offered by this kernel ({', '.join(modes)})")
         items.append(ThpItem(host, profile.thp))
+    if profile.irqbalance is not None:
+        items.append(IrqbalanceItem(host, profile.irqbalance.enabled))
+    if profile.irq_affinity is not None:
+        spec = profile.irq_affinity
+        online = online_cpus(host)
+        try:
+            cpus = parse_cpulist(spec.cpus)
+            outside = [c for c in cpus if online and c not in online]
+            if outside:
+                problems.append(f"irq_affinity.cpus: {format_cpulist(outside)} not online ({format_cpulist(online)})")
+        except CpuListError as e:
+            problems.append(f"irq_affinity.cpus: {e}")
+        for interface in spec.interfaces:
+            if not (host.root / "sys/class/net" / interface).exists():
+                problems.append(f"irq_affinity.interfaces: no interface {interface!r}")
+        if profile.irqbalance is None or profile.irqbalance.enabled:
+            warnings.append("irq_affinity without 'irqbalance: {enabled: false}': nothing is pinned while it runs")
+        items.append(IrqAffinityItem(host, spec))
+    if profile.kmod is not None:
+        items.append(KmodItem(host, profile.kmod.load))
     if problems:
         raise ProfileError("; ".join(problems))
     return items, warnings

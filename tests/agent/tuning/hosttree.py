@@ -16,6 +16,17 @@ FILES = {
     "sys/kernel/mm/transparent_hugepage/enabled": "always [madvise] never\n",
     "sys/kernel/mm/transparent_hugepage/defrag": "always defer defer+madvise [madvise] never\n",
     "proc/cmdline": "console=ttyS0 quiet\n",
+    "proc/sys/kernel/osrelease": "6.18.0-test\n",
+    "sys/devices/system/cpu/online": "0-1\n",
+    # eth0: a virtio NIC whose MSI-X vectors belong to the PCI function above the virtio device
+    "sys/devices/pci0000:00/0000:00:03.0/msi_irqs/37": "msix\n",
+    "sys/devices/pci0000:00/0000:00:03.0/msi_irqs/38": "msix\n",
+    "sys/devices/pci0000:00/0000:00:03.0/msi_irqs/39": "msix\n",
+    "sys/devices/pci0000:00/0000:00:03.0/virtio2/vendor": "0x1af4\n",
+    "proc/irq/37/smp_affinity_list": "0-1\n",
+    "proc/irq/38/smp_affinity_list": "0-1\n",
+    "proc/irq/39/smp_affinity_list": "0-1\n",
+    "lib/modules/6.18.0-test/modules.builtin": "kernel/net/netfilter/nf_conntrack.ko\n",
 }
 
 
@@ -25,6 +36,10 @@ def make_host(root: Path, **overrides: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     (root / "proc/sys/kernel/random/boot_id").chmod(0o444)
+    net = root / "sys/class/net/eth0"
+    net.mkdir(parents=True, exist_ok=True)
+    if not (net / "device").is_symlink():
+        (net / "device").symlink_to("../../../devices/pci0000:00/0000:00:03.0/virtio2")
     return root
 
 

@@ -1,0 +1,152 @@
+"""irq_affinity, irqbalance and kmod on fixture trees (this kernel has no loadable modules: kmod is
+tested only here, with modprobe played by the fixture), and irqbalance and a real IRQ on the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.tuning.base import TuningHost
+from agent.tuning.engine import Engine
+from agent.tuning.irq_affinity import IrqAffinityItem, nic_irqs
+from agent.tuning.irqbalance import IrqbalanceItem, irqbalance_pids
+from agent.tuning.kmod import KmodItem
+from agent.tuning.profile import parse
+from agent.tuning.validate import build
+from tests.agent.tuning.hosttree import make_host, value
+
+
+def engine(host: Path, text: str) -> Engine:
+    (profile,) = parse(text)
+    items, _ = build(profile, TuningHost(host))
+    return Engine(TuningHost(host), items, profile.name)
+
+
+def test_nic_irqs_come_from_the_pci_function_in_sysfs(tmp_path: Path) -> None:
+    host = make_host(tmp_path / "host")
+    assert nic_irqs(TuningHost(host), "eth0") == [37, 38, 39]
+    assert nic_irqs(TuningHost(host), "nope0") == []
+
+
+def test_pin_and_spread_avoiding_the_cpu_managers_exclusive_cpus(tmp_path: Path) -> None:
+    host = make_host(tmp_path / "host", sys__devices__system__cpu__online="0-3\n")
+    state = {"policyName": "static", "entries": {"pod-uid": {"redis": "2"}}}
+    (host / "var/lib/kubelet").mkdir(parents=True)
+    (host / "var/lib/kubelet/cpu_manager_state").write_text(json.dumps(state))
+    e = engine(host, "name: p\nirqbalance: {enabled: false}\nirq_affinity: {interfaces: [eth0], cpus: '1-3'}")
+    assert [c.new for c in e.apply() if c.item == "irq_affinity"] == ["1,3", "1,3", "1,3"]  # CPU 2 is the pod's
+    assert value(host, "proc/irq/38/smp_affinity_list") == "1,3"
+    e = engine(
+        host, "name: p\nirq_affinity: {interfaces: [eth0], cpus: '0-3', mode: spread, avoid_exclusive_cpus: false}"
+    )
+    e.apply()
+    assert [value(host, f"proc/irq/{n}/smp_affinity_list") for n in (37, 38, 39)] == ["0", "1", "2"]
+    e.revert()
+    assert value(host, "proc/irq/38/smp_affinity_list") == "0-1"  # the original, from the journal
+
+
+def test_nothing_is_pinned_while_irqbalance_runs(tmp_path: Path) -> None:
+    host = make_host(tmp_path / "host")
+    fake = host / "proc/999999"  # an irqbalance in the fixture's /proc: read, never signalled here
+    fake.mkdir(parents=True)
+    (fake / "comm").write_text("irqbalance\n")
+    (fake / "cmdline").write_bytes(b"/usr/sbin/irqbalance\0--foreground\0")
+    item = IrqAffinityItem(
+        TuningHost(host), parse("name: p\nirq_affinity: {interfaces: [eth0], cpus: '0'}")[0].irq_affinity
+    )
+    assert item.plan() == []
+    assert "irqbalance is running" in item.notes()[0]
+    assert IrqbalanceItem(TuningHost(host), False).read("service") == "running /usr/sbin/irqbalance --foreground"
+
+
+def test_kmod_loads_what_is_missing_and_never_unloads_a_module_in_use(tmp_path: Path) -> None:
+    host = make_host(tmp_path / "host")
+    calls: list[list[str]] = []
+
+    def modprobe(argv: list[str]) -> subprocess.CompletedProcess:
+        calls.append(argv)
+        name = argv[-1]
+        if "-r" in argv:
+            shutil.rmtree(host / "sys/module" / name)
+        else:
+            (host / "sys/module" / name).mkdir(parents=True)
+            (host / "sys/module" / name / "refcnt").write_text("1\n" if name == "ip_vs" else "0\n")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    host_t = TuningHost(host)
+    item = KmodItem(host_t, ["ip_vs", "ip_vs_rr", "nf_conntrack"], run=modprobe)
+    assert item.read("nf_conntrack") == "loaded"  # built in (modules.builtin)
+    e = Engine(host_t, [item], "kmod")
+    assert [c.key for c in e.apply()] == ["ip_vs", "ip_vs_rr"]
+    assert calls == [["modprobe", "-d", str(host), "ip_vs"], ["modprobe", "-d", str(host), "ip_vs_rr"]]
+    assert any("kube-proxy mode here: not ipvs" in n for n in item.notes())
+    assert any("deprecated since Kubernetes 1.35" in n for n in item.notes())
+    e.revert()
+    assert calls[-1] == ["modprobe", "-d", str(host), "-r", "ip_vs_rr"]  # ip_vs is in use: stays
+    assert (host / "sys/module/ip_vs").is_dir() and not (host / "sys/module/ip_vs_rr").exists()
+
+
+# --- on the machine (root) -----------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_a_real_irqbalance_in_its_own_pid_namespace_is_stopped_and_reported(tmp_path: Path) -> None:
+    if shutil.which("irqbalance") is None:
+        pytest.skip("irqbalance not installed (scripts/bootstrap.sh test installs it)")
+    if irqbalance_pids(TuningHost()):
+        pytest.skip("an irqbalance not started by this test runs here; it is not ours to stop")
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "irqbalance", "--foreground"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not irqbalance_pids(TuningHost()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert irqbalance_pids(TuningHost()), "irqbalance did not start"
+        e = Engine(TuningHost(state_dir=tmp_path), [IrqbalanceItem(TuningHost(state_dir=tmp_path), False)], "irq")
+        assert [c.old.split()[0] for c in e.plan()] == ["running"]
+        assert [c.new for c in e.apply()] == ["stopped"]
+        assert irqbalance_pids(TuningHost()) == []
+        assert e.verify() == {("irqbalance", "service"): True}
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    journal = json.loads((tmp_path / "tuning-journal.json").read_text())
+    assert journal["entries"]["irqbalance/service"]["original"].startswith("running irqbalance --foreground")
+
+
+@pytest.mark.root
+def test_a_real_irqs_affinity_changed_and_restored(tmp_path: Path) -> None:
+    host = TuningHost(state_dir=tmp_path)
+    interfaces = [i for i in os.listdir("/sys/class/net") if nic_irqs(host, i)]
+    online = value(Path("/"), "sys/devices/system/cpu/online")
+    if not interfaces or online == "0":
+        pytest.skip("no NIC with MSI vectors, or one CPU")
+    if irqbalance_pids(host):
+        pytest.skip("irqbalance runs here: it would move the IRQ back")
+    irq = nic_irqs(host, interfaces[0])[-1]
+    path = Path(f"/proc/irq/{irq}/smp_affinity_list")
+    original = path.read_text()
+    target = "1" if original.strip() != "1" else "0"
+    (profile,) = parse(f"name: irq\nirq_affinity: {{interfaces: [{interfaces[0]}], cpus: '{target}'}}")
+    items, _ = build(profile, host)
+    try:
+        e = Engine(host, items, "irq")
+        applied = e.apply()
+        assert any(c.key == f"irq{irq}" for c in applied) or any("EIO" in m for m in e.messages)
+        if any(c.key == f"irq{irq}" for c in applied):
+            assert path.read_text().strip() == target
+        e.revert()
+        assert path.read_text() == original
+    finally:
+        path.write_text(original)

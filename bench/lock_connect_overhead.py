@@ -57,14 +57,19 @@ def close(probes: list[Probe]) -> None:
         p.close()
 
 
-def epoll_ops(seconds: int) -> float:
-    out = subprocess.run(
-        ["perf", "bench", "epoll", "wait", "-t", "4", "-r", str(seconds)], capture_output=True, text=True, check=True
-    ).stdout
-    m = re.search(r"Averaged (\d+) operations/sec", out)
+def perf_number(argv: list[str], pattern: str) -> float:
+    """Run a ``perf bench`` and return the number its output shows where ``pattern`` matches."""
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    m = re.search(pattern, out)
     if not m:
         raise RuntimeError(f"unexpected perf output: {out}")
     return float(m.group(1))
+
+
+def epoll_ops(seconds: int) -> float:
+    return perf_number(
+        ["perf", "bench", "epoll", "wait", "-t", "4", "-r", str(seconds)], r"Averaged (\d+) operations/sec"
+    )
 
 
 class EmptyLockPrograms:
@@ -95,13 +100,41 @@ def storm_rate(binary: Path, n: int) -> float:
 
 
 def syscall_usecs(loops: int) -> float:
-    out = subprocess.run(
-        ["perf", "bench", "syscall", "basic", "-l", str(loops)], capture_output=True, text=True, check=True
-    ).stdout
-    m = re.search(r"([\d.]+)\s+usecs/op", out)
-    if not m:
-        raise RuntimeError(f"unexpected perf output: {out}")
-    return float(m.group(1))
+    return perf_number(["perf", "bench", "syscall", "basic", "-l", str(loops)], r"([\d.]+)\s+usecs/op")
+
+
+class EmptyConnectPrograms:
+    """Empty programs on the connect probe's hooks (the raw tracepoint and a sock_ops link on the
+    cgroup root): the floor of any tool using them."""
+
+    name = "empty"
+
+    def __init__(self, kernel: KernelFacts) -> None:
+        self.bpf = None
+        self.link = -1
+
+    def load(self) -> None:
+        from bcc import BPF
+
+        from probes import bpfsys
+
+        self.bpf = BPF(
+            text=b"RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }\n"
+            b"int empty_sockops(struct bpf_sock_ops *skops) { return 1; }"
+        )
+        fn = self.bpf.load_func(b"empty_sockops", BPF.SOCK_OPS)
+        fd = os.open(str(HostPaths().cgroup_v2()), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.link = bpfsys.link_create(fn.fd, fd, bpfsys.BPF_CGROUP_SOCK_OPS)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.link)
+        self.bpf.cleanup()
+
+    def program_fds(self) -> dict[str, int]:
+        return {}
 
 
 def ab(
@@ -172,7 +205,8 @@ def main() -> int:
         ab("lockstat", args.rounds, lock_arms, lambda: epoll_ops(args.seconds), True)
         per_event((LockstatProbe,), lambda: epoll_ops(args.seconds))
         print("\n### connect: loopback connect()/close() storm (connects/s)")
-        ab("connect", args.rounds, {"connect": (ConnectProbe,)}, lambda: storm_rate(storm, args.connects), True)
+        connect_arms = {"connect": (ConnectProbe,), "empty programs": (EmptyConnectPrograms,)}
+        ab("connect", args.rounds, connect_arms, lambda: storm_rate(storm, args.connects), True)
         per_event((ConnectProbe,), lambda: storm_rate(storm, args.connects))
     print("\n### syscall tax: perf bench syscall basic (usecs/op), all default probes vs none")
     arms = {"all probes": (RunqlatProbe, LockstatProbe, ConnectProbe)}

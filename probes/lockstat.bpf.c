@@ -281,7 +281,6 @@ RAW_TRACEPOINT_PROBE(contention_end)
         if (d > SPIN_DEPTH)
             d = SPIN_DEPTH;
         /* Nearly always the top frame; deeper only if an end was missed above it. */
-#pragma unroll
         for (u32 i = 1; i <= SPIN_DEPTH; i++) {
             if (i > d)
                 break;

@@ -21,6 +21,11 @@ from probes import bpfsys
 from probes.base import KernelFacts, Probe
 from tests.conftest import BUSY, SLEEPER, SpreadCgroup, free_port, http_get, parse_metrics, run_delay_ns
 
+# Every unit of a default agent, all succeeding: the probes and the collectors.
+UNITS_UP = {
+    unit: 1.0 for unit in ("agent", "runqlat", "lockstat", "connect", "throttling", "listen", "ports", "tuning")
+}
+
 HIST = "nodetune_runqueue_latency_seconds"
 
 
@@ -91,16 +96,7 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
         "tracepoint+sock_ops",
     ]
     success = {s.labels["collector"]: s.value for s in after["nodetune_scrape_collector_success"]}
-    assert success == {
-        "agent": 1.0,
-        "runqlat": 1.0,
-        "lockstat": 1.0,
-        "connect": 1.0,
-        "throttling": 1.0,
-        "listen": 1.0,
-        "ports": 1.0,
-        "tuning": 1.0,
-    }
+    assert success == UNITS_UP
 
 
 @pytest.mark.bpf
@@ -189,17 +185,7 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -
     assert up == {"runqlat": 1.0, "lockstat": 1.0, "connect": 1.0, "broken": 0.0}
     assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {
-        "agent": 1.0,
-        "runqlat": 1.0,
-        "lockstat": 1.0,
-        "connect": 1.0,
-        "throttling": 1.0,
-        "listen": 1.0,
-        "ports": 1.0,
-        "tuning": 1.0,
-        "raising": 0.0,
-    }
+    assert success == {**UNITS_UP, "raising": 0.0}
     assert HIST in m
 
 
@@ -300,17 +286,7 @@ def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> 
     refused = [s.value for s in m["nodetune_kube_watch_errors"] if s.labels["code"] == "refused"]
     assert refused and 1 <= refused[0] <= 20  # two reflectors backing off (a spinning client: thousands)
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
-    assert success == {
-        "agent": 1.0,
-        "runqlat": 1.0,
-        "lockstat": 1.0,
-        "connect": 1.0,
-        "throttling": 1.0,
-        "listen": 1.0,
-        "ports": 1.0,
-        "tuning": 1.0,
-        "kube": 1.0,
-    }
+    assert success == {**UNITS_UP, "kube": 1.0}
     assert HIST in m
 
 

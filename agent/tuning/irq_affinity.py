@@ -7,9 +7,9 @@ The IRQs are found from sysfs, never from names: the interface's device
 function). CPUs the kubelet's static CPU manager gave exclusively to pods
 (``/var/lib/kubelet/cpu_manager_state``, ``entries``: pod -> container -> cpu list) are left out by
 default, so a pinned IRQ never lands on a Guaranteed pod's dedicated core. An IRQ whose affinity the
-kernel refuses to change (EIO: a per-CPU or managed interrupt) is recorded as unchangeable and left
-alone, not retried. While irqbalance runs, nothing is pinned (it would move them back): the item
-says so and waits for the irqbalance item or the operator.
+kernel refuses to change (EIO: the chip cannot; EPERM: a managed interrupt) is recorded as
+unchangeable and left alone, not retried. While irqbalance runs, nothing is pinned (it would move
+them back): the item says so and waits for the irqbalance item or the operator.
 """
 
 from __future__ import annotations
@@ -110,9 +110,14 @@ class IrqAffinityItem(TuningItem):
         try:
             write_text(self._path(key), value)
         except OSError as e:
-            if e.errno == errno.EIO:  # the kernel will never let this one move
+            # EIO: the chip cannot set it; EPERM: a managed or per-CPU interrupt
+            # (kernel/irq/proc.c write_irq_affinity, irq_can_set_affinity_usr): never movable.
+            if e.errno in (errno.EIO, errno.EPERM):
                 self.unchangeable.add(key)
-                raise Unchangeable(f"irq_affinity {key}: the kernel refuses to move it (EIO); left alone") from None
+                reason = errno.errorcode[e.errno]
+                raise Unchangeable(
+                    f"irq_affinity {key}: the kernel refuses to move it ({reason}); left alone"
+                ) from None
             raise
 
     def notes(self) -> list[str]:
@@ -124,5 +129,5 @@ class IrqAffinityItem(TuningItem):
         for interface in self.spec.interfaces:
             if not nic_irqs(self.host, interface):
                 out.append(f"irq_affinity: {interface} has no MSI/MSI-X vectors in sysfs (nothing to pin)")
-        out.extend(f"irq_affinity: {k} cannot be moved (EIO), left alone" for k in sorted(self.unchangeable))
+        out.extend(f"irq_affinity: {k} cannot be moved (EIO/EPERM), left alone" for k in sorted(self.unchangeable))
         return out

@@ -7,7 +7,9 @@ ConfigMap is updated by the kubelet swapping the ``..data`` symlink, so the reso
 and mtime are watched, not the file name); pick the profile matching the Node's labels; validate
 it (an invalid one is reported by ``nodetune_tuning_profile_valid 0`` and the last good profile
 stays in force); read every managed key. In ``enforce`` mode, drift is re-applied, at most once
-per ``reapply_interval_s``. Nothing is reverted when the agent stops.
+per ``reapply_interval_s``. A profile file that is gone for ``removed_ticks`` ticks in a row (not a
+``..data`` swap in progress: the ConfigMap or its key was deleted) means "untune": the journaled
+originals are restored. Nothing is reverted when the agent stops.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class TuningUnit:
         node_labels: Callable[[], Mapping[str, str] | None] = lambda: None,
         reapply_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        removed_ticks: int = 3,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}")
@@ -58,6 +61,8 @@ class TuningUnit:
         self.changes: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self._last_apply = float("-inf")
+        self.removed_ticks = removed_ticks
+        self._missing = 0  # consecutive ticks without the profile file
         if self.path is None:
             try:
                 self._use(default_profile())
@@ -82,10 +87,31 @@ class TuningUnit:
         for w in warnings:
             log.warning("tuning: %s", w)
         self.profile, self.items, self.valid = profile, items, True
+        self._last_apply = float("-inf")  # a new profile applies at once; the rate limit is for drift
         for item in items:
             for note in item.notes():
                 log.warning("tuning: %s", note)
         log.info("tuning: profile %s (%s mode): %s", profile.name, self.mode, ", ".join(profile.items()) or "empty")
+
+    def _removed(self) -> bool:
+        """The profile file has been gone long enough: revert what was applied (once)."""
+        if self.path is None or self._file_identity() is not None:
+            self._missing = 0
+            return False
+        self._missing += 1
+        if self._missing != self.removed_ticks:
+            return self._missing > self.removed_ticks
+        try:
+            restored = Engine(self.host, [], "").revert()
+        except (ApplyFailed, JournalError, TuningError, OSError) as e:
+            self._count(self.errors, "engine")
+            log.error("tuning: profile %s removed, but reverting failed: %s", self.path, e)
+            return True
+        for c in restored:
+            self._count(self.changes, c.item)
+        log.warning("tuning: profile %s removed: %d key(s) restored to their originals", self.path, len(restored))
+        self.profile, self.items, self.in_sync, self._identity = None, [], {}, None
+        return True
 
     def _reload(self) -> None:
         labels = self.node_labels()
@@ -105,6 +131,8 @@ class TuningUnit:
                 log.error("tuning: profile rejected, keeping %s: %s", self.profile.name if self.profile else "none", e)
 
     def maintain(self) -> None:
+        if self._removed():
+            return
         self._reload()
         if self.profile is None:
             return

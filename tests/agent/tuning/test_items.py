@@ -3,6 +3,7 @@ tested only here, with modprobe played by the fixture), and irqbalance and a rea
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -150,3 +151,39 @@ def test_a_real_irqs_affinity_changed_and_restored(tmp_path: Path) -> None:
         assert path.read_text() == original
     finally:
         path.write_text(original)
+
+
+def unmovable_irq() -> int | None:
+    """A real IRQ whose affinity the kernel refuses to set (found by writing its own value back,
+    which changes nothing where it is accepted)."""
+    for entry in sorted(Path("/proc/irq").iterdir(), key=lambda p: p.name):
+        if not entry.name.isdigit():
+            continue
+        path = entry / "smp_affinity_list"
+        try:
+            current = path.read_text()
+            path.write_text(current)
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EPERM):
+                return int(entry.name)
+    return None
+
+
+@pytest.mark.root
+def test_an_irq_the_kernel_refuses_is_recorded_and_skipped_not_retried(tmp_path: Path) -> None:
+    irq = unmovable_irq()
+    if irq is None:
+        pytest.skip("every IRQ here can be moved")
+    host = make_host(tmp_path / "host")
+    (host / "sys/devices/pci0000:00/0000:00:03.0/msi_irqs" / str(irq)).write_text("msix\n")
+    shutil.rmtree(host / f"proc/irq/{irq}", ignore_errors=True)
+    (host / f"proc/irq/{irq}").symlink_to(f"/proc/irq/{irq}")  # the real, unmovable one
+    e = engine(host, "name: p\nirq_affinity: {interfaces: [eth0], cpus: '0'}")
+    applied = e.apply()
+    assert f"irq{irq}" not in [c.key for c in applied] and len(applied) == 3  # the fixture's 37-39 moved
+    assert any(f"irq{irq}" in m and "refuses to move it" in m for m in e.messages)
+    item = e.items["irq_affinity"]
+    assert f"irq{irq}" in item.unchangeable and f"irq{irq}" not in item.managed_keys()  # not retried
+    assert e.plan() == []
+    journal = json.loads((host / "var/lib/nodetune/tuning-journal.json").read_text())
+    assert f"irq_affinity/irq{irq}" not in journal["entries"]

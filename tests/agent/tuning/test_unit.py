@@ -97,3 +97,23 @@ def test_built_in_profile_without_a_file_observes(tmp_path: Path) -> None:
     assert m["nodetune_tuning_in_sync"][(("item", "thp"), ("key", "enabled"))] == 0
     assert snapshot(host) == before
     assert unit.collect() and m == metrics(unit)  # a scrape reads: the same twice
+
+
+def test_a_removed_profile_is_reverted_after_a_few_ticks_not_at_once(tmp_path: Path) -> None:
+    host = make_host(tmp_path / "host")
+    profile = configmap(tmp_path / "cm", "name: p1\nsysctl: {net.core.somaxconn: '>=8192'}", 1)
+    unit = TuningUnit(TuningHost(host), profile, "enforce", removed_ticks=3)
+    unit.maintain()
+    assert value(host, "proc/sys/net/core/somaxconn") == "8192"
+    os.unlink(tmp_path / "cm/..data")  # the ConfigMap's key is gone
+    unit.maintain()
+    unit.maintain()
+    assert value(host, "proc/sys/net/core/somaxconn") == "8192"  # two ticks: could be a swap
+    unit.maintain()
+    assert value(host, "proc/sys/net/core/somaxconn") == "4096"  # third: reverted
+    assert not (host / "var/lib/nodetune/tuning-journal.json").exists()
+    assert "nodetune_tuning_profile_info" not in metrics(unit)  # no profile in force
+    unit.maintain()  # and only once
+    configmap(tmp_path / "cm", "name: p2\nsysctl: {net.core.somaxconn: '>=9000'}", 2)  # back again
+    unit.maintain()
+    assert value(host, "proc/sys/net/core/somaxconn") == "9000"

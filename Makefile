@@ -40,7 +40,8 @@ bench-storm: bench-deps
 
 bench-network: bench-deps
 	$(VENV)/bin/python bench/network_cost.py $(NETWORK_ARGS)
-	$(VENV)/bin/python bench/network_cost.py --child-ehash 1024 $(NETWORK_ARGS)
+	$(VENV)/bin/python bench/network_cost.py --churn $(NETWORK_ARGS)
+	$(VENV)/bin/python bench/network_cost.py --churn --child-ehash 1024 $(NETWORK_ARGS)
 
 bench-locks: bench-deps
 	$(VENV)/bin/python bench/lock_connect_overhead.py $(LOCK_ARGS)

@@ -47,6 +47,7 @@ class NetnsHandles:
     reserved_fd: int  # net.ipv4.ip_local_reserved_ports (per namespace)
     sockstat_fd: int  # /proc/net/sockstat: "TCP: inuse N orphan N tw N ..." of the namespace
     sockstat6_fd: int  # /proc/net/sockstat6: "TCP6: inuse N"
+    snmp_fd: int  # /proc/net/snmp: the Tcp MIB (ActiveOpens, PassiveOpens; shared by IPv4 and IPv6)
 
     def read(self, fd: int) -> str:
         return os.pread(fd, 1 << 16, 0).decode()
@@ -60,6 +61,7 @@ class NetnsHandles:
             self.reserved_fd,
             self.sockstat_fd,
             self.sockstat6_fd,
+            self.snmp_fd,
         ):
             os.close(fd)
 
@@ -85,7 +87,8 @@ def open_handles(ns_path: str) -> NetnsHandles:
             reserved = os.open("/proc/sys/net/ipv4/ip_local_reserved_ports", flags)
             sockstat = os.open("/proc/thread-self/net/sockstat", flags)
             sockstat6 = os.open("/proc/thread-self/net/sockstat6", flags)
-            result["handles"] = NetnsHandles(diag, netstat, somaxconn, port_range, reserved, sockstat, sockstat6)
+            snmp = os.open("/proc/thread-self/net/snmp", flags)
+            result["handles"] = NetnsHandles(diag, netstat, somaxconn, port_range, reserved, sockstat, sockstat6, snmp)
         except OSError as e:
             result["error"] = e
 

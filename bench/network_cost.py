@@ -3,8 +3,11 @@
 Makes ``--namespaces`` network namespaces (``ip netns add``), each with one process that listens on
 127.0.0.1 and holds ``--connections`` connections to itself: 2 sockets per connection, so 100 x 100
 gives 20,000 sockets plus 100 listeners. Then times one scrape of both collectors as the agent does
-it (collect + render), in process CPU time, median and max of ``--scrapes``. Run as root:
-``make bench-network``. Every namespace and process made here is removed.
+it (collect + render), in process CPU time, median and max of ``--scrapes``. A namespace whose
+TCP counters did not move since its last dump is answered from memory (agent/collectors/ports.py),
+so two cases are timed: ``steady`` (no new connection between scrapes) and ``--churn`` (every
+namespace opens and closes one connection before each scrape: every one is dumped again, the
+worst case). Run as root: ``make bench-network``. Every namespace and process made here is removed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ threading.Thread(target=lambda: [accepted.append(s.accept()[0]) for _ in iter(in
 clients = [socket.create_connection(("127.0.0.1", 30000)) for _ in range(n)]
 time.sleep(0.2)
 print("ready", flush=True)
-sys.stdin.readline()
+for line in sys.stdin:   # "c": open and close one more connection (churn), then answer
+    socket.create_connection(("127.0.0.1", 30000)).close()
+    print("ok", flush=True)
 """
 
 
@@ -44,6 +49,7 @@ def main() -> int:
     ap.add_argument("--namespaces", type=int, default=100)
     ap.add_argument("--connections", type=int, default=100, help="per namespace (2 sockets each)")
     ap.add_argument("--scrapes", type=int, default=10)
+    ap.add_argument("--churn", action="store_true", help="a new connection in every namespace before each scrape")
     ap.add_argument(
         "--child-ehash",
         type=int,
@@ -77,7 +83,14 @@ def main() -> int:
         listen.maintain()  # opens each namespace's handles (setns on a thread), once
         opening = time.perf_counter() - t
         cpu, wall = [], []
+        render([*listen.collect(), *ports.collect()])  # the first scrape dumps every namespace
         for _ in range(args.scrapes):
+            if args.churn:
+                for p in procs:
+                    p.stdin.write("c\n")
+                    p.stdin.flush()
+                for p in procs:
+                    assert p.stdout.readline().strip() == "ok"
             c0, w0 = time.process_time(), time.perf_counter()
             render([*listen.collect(), *ports.collect()])
             cpu.append(time.process_time() - c0)
@@ -86,7 +99,7 @@ def main() -> int:
         table = f"own {args.child_ehash}-bucket" if args.child_ehash else "the host's shared"
         print(
             f"namespaces: {len(netns.snapshot())} ({args.namespaces} made + the host's, {table} TCP table), "
-            f"sockets: {sockets}"
+            f"sockets: {sockets}, {'churn: every namespace changed' if args.churn else 'steady'} between scrapes"
         )
         print(
             f"one scrape of ports + listen: CPU median {statistics.median(cpu) * 1e3:.1f} ms, "

@@ -151,3 +151,45 @@ def test_namespace_held_only_by_a_process_is_found_by_the_scan() -> None:
         p.kill()
         p.wait()
         c.netns.close()
+
+
+@pytest.mark.root
+def test_a_namespace_is_dumped_again_only_when_its_port_usage_can_have_changed(netns) -> None:
+    """Fingerprint: port range, reserved ports, TCP inuse/tw, TCP6 inuse, ActiveOpens/PassiveOpens.
+    Unchanged -> the memo is the answer (no walk of the shared table); every change shows."""
+    ns = netns("40000 40999")
+    holder, result = ns.hold(5, "127.0.0.1:30000")
+    assert result == "ok 5"
+    c = collector()
+    try:
+        c.netns.refresh()
+        inode = next(i for i in c.netns.snapshot() if c.netns.labels(i)[2] == ns.name)
+
+        m = scrape(c)
+        assert m["nodetune_ephemeral_ports_in_use"][(ns.name, "127.0.0.1:30000")] == 5
+        memo_before = c._memo[inode]
+        assert scrape(c) and c._memo[inode] is memo_before  # nothing changed: not dumped again
+        # a new connection: ActiveOpens and inuse move -> dumped, and counted
+        ns.exec(
+            [
+                sys.executable,
+                "-c",
+                "import socket,time; s=socket.create_connection(('127.0.0.1',30000)); time.sleep(0.05)",
+            ]
+        )
+        scrape(c)
+        assert c._memo[inode] is not memo_before
+        # the range changes: the size follows at once
+        ns.exec(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40499"])
+        assert scrape(c)["nodetune_ephemeral_port_range_size"][(ns.name, "")] == 500
+        # the holders close: TIME_WAIT (tw moves) -> still 5 ports held, as ss says
+        holder.stdin.write("close\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        m = scrape(c)
+        assert (
+            m["nodetune_ephemeral_ports_in_use"][(ns.name, "127.0.0.1:30000")]
+            == ns.ss_in_use(40000, 40999)["127.0.0.1:30000"]
+        )
+    finally:
+        c.netns.close()

@@ -123,7 +123,21 @@ def per_type(rows: dict[tuple[str, str], tuple[int, float]]) -> dict[str, int]:
     return out
 
 
+def mounted(path: str) -> bool:
+    return any(line.split()[4] == path for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+@pytest.fixture
+def perf_leaves_tracefs_as_found():
+    """perf mounts tracefs at /sys/kernel/tracing when it is not (tools/lib/api/fs): put it back."""
+    was = mounted("/sys/kernel/tracing")
+    yield
+    if not was and mounted("/sys/kernel/tracing"):
+        subprocess.run(["umount", "/sys/kernel/tracing"], check=True)
+
+
 @pytest.mark.bpf
+@pytest.mark.usefixtures("perf_leaves_tracefs_as_found")
 def test_agrees_with_perf_lock_contention_on_a_pipe_workload(header_cache: Path, make_cgroup, tmp_path: Path) -> None:
     """Six processes writing into one pipe on 2 CPUs (tests/contention.py): pipe->mutex (sleeping,
     woken on any CPU) and wait-queue spinlocks. Over the same window, our per-type counts agree with

@@ -180,8 +180,8 @@ def test_a_namespace_is_dumped_again_only_when_its_port_usage_can_have_changed(n
         scrape(c)
         assert c._memo[inode] is not memo_before
         # the range changes: the size follows at once
-        ns.exec(["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40499"])
-        assert scrape(c)["nodetune_ephemeral_port_range_size"][(ns.name, "")] == 500
+        ns.exec(["sysctl", "-qw", "net.ipv4.ip_local_port_range=39000 40999"])  # still covers the ports held
+        assert scrape(c)["nodetune_ephemeral_port_range_size"][(ns.name, "")] == 2000
         # the holders close: TIME_WAIT (tw moves) -> still 5 ports held, as ss says
         holder.stdin.write("close\n")
         holder.stdin.flush()
@@ -189,7 +189,7 @@ def test_a_namespace_is_dumped_again_only_when_its_port_usage_can_have_changed(n
         m = scrape(c)
         assert (
             m["nodetune_ephemeral_ports_in_use"][(ns.name, "127.0.0.1:30000")]
-            == ns.ss_in_use(40000, 40999)["127.0.0.1:30000"]
+            == ns.ss_in_use(39000, 40999)["127.0.0.1:30000"]
         )
     finally:
         c.netns.close()

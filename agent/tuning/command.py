@@ -64,7 +64,8 @@ def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
         for w in warnings:
             print(f"warning: {w}", file=err)
         if args.action in ("plan", "verify"):
-            engine.load() if args.action == "verify" else None
+            if args.action == "verify":  # finishes an interrupted run first; plan stays pure
+                engine.load()
             changes = engine.plan()
             for note in [*engine.messages, *engine.notes()]:
                 print(f"note: {note}", file=err)

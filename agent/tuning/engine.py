@@ -118,8 +118,6 @@ class Engine:
         """Apply item by item, each planned just before it is applied: an item can depend on an
         earlier one (IRQs are pinned only once irqbalance is stopped)."""
         j = self.load()
-        if not self.plan() and not any(isinstance(i, IrqAffinityItem) for i in self.items.values()):
-            return []
         run = j.run + 1
         opened = False
         done: list[Change] = []

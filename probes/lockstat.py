@@ -28,11 +28,12 @@ from functools import cached_property
 
 from prometheus_client.metrics_core import Metric
 
+from probes import bpfsys
 from probes.base import Probe
 from probes.families import CompactHistogram, CompactScalar
 from probes.histogram import NSLOTS, ROW_WORDS
 from probes.kallsyms import KernelSymbols
-from probes.rows import RowSet
+from probes.rows import RowSet, sum_over_cpus
 from probes.settings import Setting
 from probes.topn import TopN
 
@@ -147,24 +148,19 @@ class LockstatProbe(Probe):
             acc = callers.setdefault((LOCK_TYPES[type_index], self._caller_name(key)), [0, 0])
             acc[0] += values[row][0]
             acc[1] += values[row][1]
-        table = self.table("lock_caller_unknown")
-        unattributed = {}
-        for i, lock_type in enumerate(LOCK_TYPES):
-            per_cpu = table[table.Key(i)]
-            unattributed[lock_type] = [sum(v.count for v in per_cpu), sum(v.ns for v in per_cpu)]
-        return callers, unattributed
+        unknown = self._per_type("lock_caller_unknown", 2)
+        return callers, {lock_type: unknown[i] for i, lock_type in enumerate(LOCK_TYPES)}
+
+    def _per_type(self, name: str, words: int) -> dict[int, list[int]]:
+        """A per-CPU array with one entry per lock type, summed over CPUs (one batched read)."""
+        fd = self.table(name).get_fd()
+        values = bpfsys.lookup_batch(fd, 0, len(LOCK_TYPES), 8 * words, percpu=True)
+        return sum_over_cpus(values, list(range(len(LOCK_TYPES))))
 
     def histograms(self) -> dict[str, tuple[list[int], int]]:
         """Lock type -> (slot counts, sum of waits in ns)."""
-        table = self.table(HIST)
-        out = {}
-        for i, lock_type in enumerate(LOCK_TYPES):
-            words = [0] * ROW_WORDS
-            for cpu_row in table[table.Key(i)]:
-                for j in range(ROW_WORDS):
-                    words[j] += cpu_row.w[j]
-            out[lock_type] = (words[:NSLOTS], words[NSLOTS])
-        return out
+        rows = self._per_type(HIST, ROW_WORDS)
+        return {lock_type: (rows[i][:NSLOTS], rows[i][NSLOTS]) for i, lock_type in enumerate(LOCK_TYPES)}
 
     def maintain(self) -> None:
         super().maintain()

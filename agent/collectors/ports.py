@@ -60,24 +60,6 @@ def destination(family: int, address: str, port: int) -> str:
     return f"{address}:{port}" if family == socket.AF_INET else f"[{address}]:{port}"
 
 
-def families_with_sockets(sockstat: str, sockstat6: str) -> tuple[int, ...]:
-    """Which families a dump can find anything in. A dump walks the namespace's whole established
-    table (by default the host's: README, Ephemeral ports), so an empty family is skipped: no IPv6
-    dump when ``TCP6: inuse`` is 0 and no socket is in TIME_WAIT (``tw`` counts both families)."""
-
-    def field(text: str, prefix: str, name: str) -> int:
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                words = line.split()
-                return int(words[words.index(name) + 1]) if name in words else 0
-        return 0
-
-    tw = field(sockstat, "TCP:", "tw")
-    v4 = field(sockstat, "TCP:", "inuse") + tw
-    v6 = field(sockstat6, "TCP6:", "inuse") + tw
-    return tuple(f for f, n in ((socket.AF_INET, v4), (socket.AF_INET6, v6)) if n > 0)
-
-
 def _words(text: str, prefix: str, names: tuple[str, ...]) -> tuple[int, ...]:
     """Values of ``names`` on the line starting with ``prefix`` in sockstat's "name value" form."""
     for line in text.splitlines():
@@ -85,6 +67,16 @@ def _words(text: str, prefix: str, names: tuple[str, ...]) -> tuple[int, ...]:
             words = line.split()
             return tuple(int(words[words.index(n) + 1]) if n in words else 0 for n in names)
     return (0,) * len(names)
+
+
+def families_with_sockets(sockstat: str, sockstat6: str) -> tuple[int, ...]:
+    """Which families a dump can find anything in. A dump walks the namespace's whole established
+    table (by default the host's: README, Ephemeral ports), so an empty family is skipped: no IPv6
+    dump when ``TCP6: inuse`` is 0 and no socket is in TIME_WAIT (``tw`` counts both families)."""
+    inuse, tw = _words(sockstat, "TCP:", ("inuse", "tw"))
+    v4 = inuse + tw
+    v6 = _words(sockstat6, "TCP6:", ("inuse",))[0] + tw
+    return tuple(f for f, n in ((socket.AF_INET, v4), (socket.AF_INET6, v6)) if n > 0)
 
 
 def tcp_opens(snmp: str) -> tuple[int, int]:

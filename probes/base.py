@@ -152,6 +152,29 @@ class KernelFacts:
         ]
 
 
+Hooks = tuple[list[bytes], list[bytes]]  # raw tracepoints, tracepoints ("category:event")
+
+
+def detach_hooks(bpf: Any) -> Hooks:
+    """Detach the tracepoints and raw tracepoints BCC attached to ``bpf`` (its auto-attached
+    RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE functions); return them for ``attach_hooks``."""
+    hooks = (list(bpf.raw_tracepoint_fds), list(bpf.tracepoint_fds))
+    for tp in hooks[0]:
+        bpf.detach_raw_tracepoint(tp=tp)
+    for tp in hooks[1]:
+        bpf.detach_tracepoint(tp=tp)
+    return hooks
+
+
+def attach_hooks(bpf: Any, hooks: Hooks) -> None:
+    """Attach again what ``detach_hooks`` detached, by BCC's names for auto-attached functions
+    (``raw_tracepoint__<tp>``, ``tracepoint__<category>__<event>``)."""
+    for tp in hooks[0]:
+        bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+    for tp in hooks[1]:
+        bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
+
+
 class Probe(abc.ABC):
     """One BPF program set with its maps; see module docstring for the lifecycle."""
 
@@ -180,6 +203,7 @@ class Probe(abc.ABC):
         self.workload_rows: dict[str, WorkloadRows] = {}
         self.keyed_rows: dict[str, Rows] = {}  # row sets keyed by something else than a workload
         self._bpf: Any = None
+        self._paused: Hooks | None = None  # what pause() detached
         self._lock = threading.Lock()
 
     @classmethod
@@ -337,6 +361,7 @@ class Probe(abc.ABC):
         """The probe's own families (called with the probe loaded and locked)."""
 
     def _close_bpf(self) -> None:
+        self._paused = None
         self.workload_rows = {}
         self.keyed_rows = {}
         if self._bpf is not None:
@@ -353,6 +378,32 @@ class Probe(abc.ABC):
             self.attach = None
             if strategy is not None:
                 self._after_close(strategy)
+
+    # --- benchmarks -----------------------------------------------------------------------
+    def pause(self) -> None:
+        """Detach every hook of the loaded probe, keeping its programs and maps: its counters
+        stand still until ``resume()``. For A/B benchmarks (bench/), which can then alternate
+        arms in milliseconds instead of recompiling between runs."""
+        with self._lock:
+            if self._bpf is None:
+                raise RuntimeError(f"probe {self.name} is not loaded")
+            if self._paused is None:
+                self._paused = detach_hooks(self._bpf)
+                self._pause_hooks()
+
+    def resume(self) -> None:
+        """Attach again what ``pause()`` detached."""
+        with self._lock:
+            if self._bpf is not None and self._paused is not None:
+                attach_hooks(self._bpf, self._paused)
+                self._resume_hooks()
+                self._paused = None
+
+    def _pause_hooks(self) -> None:  # noqa: B027 - optional hook
+        """Hook: detach what ``_after_load`` attached itself."""
+
+    def _resume_hooks(self) -> None:  # noqa: B027 - optional hook
+        """Hook: attach again what ``_pause_hooks`` detached."""
 
     def program_fds(self) -> dict[str, int]:
         """Loaded program name -> fd (for bpf_stats in bench/ and tests)."""

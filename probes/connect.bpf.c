@@ -5,89 +5,95 @@
  * connects found none free. Rows "connect_port_search_seconds" (probes/rows.py): NSLOTS counts,
  * the sum in ns, then the failures (FAILURES_WORD).
  *
- * STRATEGY_STATE_SOCKOPS needs neither kprobes nor fentry/fexit:
- *   start   raw tracepoint inet_sock_set_state, TCP_CLOSE -> TCP_SYN_SENT: tcp_v4_connect() and
- *           tcp_v6_connect() set SYN_SENT immediately before inet_hash_connect() / inet6_hash_connect()
- *   success sock_ops program, BPF_SOCK_OPS_TCP_CONNECT_CB: called from tcp_connect() once the port
- *           is chosen (always, no callback flags needed), in the connecting task
- *   failure raw tracepoint inet_sock_set_state, TCP_SYN_SENT -> TCP_CLOSE with no local port
- *           (inet_num == 0): the connect's "failure:" path right after inet_hash_connect() failed;
- *           a socket that had a port (bound, or a later failure) keeps inet_num.
- * The interval also holds what tcp_v4_connect() does between the two (ip_route_newports, the
- * initial sequence number: well under a microsecond), so it bounds the search from above.
+ * Start (both strategies): raw tracepoint inet_sock_set_state, TCP_CLOSE -> TCP_SYN_SENT, which
+ * tcp_v4_connect() and tcp_v6_connect() set immediately before inet_hash_connect().
  *
- * All three run in the connecting task (connect() is synchronous: one search per task at a time),
- * so a search in flight is keyed by the task: a direct-mapped array indexed by a hash of the
- * task_struct address and tagged with it (no hash-map insert or delete per connect). The sock_ops
- * program cannot key by the socket: the verifier forbids arithmetic on its socket pointer. A
- * connect that finds its slot held by another task's search in flight loses its duration (counted
- * as slot_busy), never its failure. The connecting task's workload is the one charged.
+ * STRATEGY_STATE (one raw tracepoint, nothing else): the search in flight is keyed by the socket
+ * and ends when the socket leaves SYN_SENT (ESTABLISHED, or CLOSE on any failure).
+ *   success the SYN went out since the start: tcp_connect() refreshed tp->tcp_clock_cache
+ *           (tcp_mstamp_refresh(), ktime_get_ns(): the clock of bpf_ktime_get_ns()) and
+ *           __tcp_transmit_skb() copied it to tp->tcp_wstamp_ns, which nothing but a transmit
+ *           moves. The search ended before that: wstamp - start bounds it from above. A
+ *           retransmitted SYN moved wstamp again (total_retrans > 0): no duration then.
+ *   failure CLOSE with no SYN sent since the start (wstamp < start): connect's "failure:" path
+ *           right after inet_hash_connect() failed. A connection refused or timed out later has
+ *           sent its SYN. (Not inet_num == 0: tcp_set_state(TCP_CLOSE) -> inet_put_port() zeroes
+ *           it before the tracepoint fires, for every autobound socket.)
+ * STRATEGY_STATE_SOCKOPS (the tracepoint and a sock_ops program on the cgroup v2 root):
+ *   success BPF_SOCK_OPS_TCP_CONNECT_CB, called from tcp_connect() once the port is chosen
+ *           (always, no callback flags needed), in the connecting task. connect() is synchronous,
+ *           so the search in flight is keyed by the task; sock_ops cannot key by the socket (the
+ *           verifier forbids arithmetic on its socket pointer).
+ *   failure CLOSE while the task's search on that socket is still in flight (no connect callback).
+ *
+ * Both: a start lost to a slot collision still counts a failure when the socket never sent
+ * anything (wstamp == 0). Slots are a direct-mapped array tagged with the key (no hash-map insert
+ * or delete per connect); a search that finds its slot held by another search in flight
+ * (younger than IN_FLIGHT_NS) takes it, and the older one's duration is lost (slot_busy).
  */
 
+#define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
 #define IPPROTO_TCP_ 6
 #define IN_FLIGHT_NS 1000000000ULL
 
 struct search {
-    u64 task; /* task_struct address of the connecting task; 0 = free */
+    u64 key; /* the socket (STRATEGY_STATE) or the connecting task's task_struct; 0 = free */
+    u64 sk;  /* the socket (STRATEGY_STATE_SOCKOPS: checked at the failure end) */
     u64 ts;  /* ns when the search began */
     u64 wid; /* workload of the connecting task */
 };
 
 BPF_ARRAY(connect_searches, struct search, SEARCH_SLOTS);
 
-static __always_inline struct search *search_slot(u64 task)
+static __always_inline struct search *search_slot(u64 key)
 {
-    u32 i = (u32)((task >> 6) ^ (task >> 20)) & (SEARCH_SLOTS - 1); /* task_struct: 64-byte aligned */
+    u32 i = (u32)((key * 0x9E3779B97F4A7C15ULL) >> 32) & (SEARCH_SLOTS - 1); /* Fibonacci hash */
     return connect_searches.lookup(&i);
 }
 
-static __always_inline u64 *workload_row(u64 wid)
+static __always_inline void search_begin(u64 key, u64 sk)
 {
-    int row = connect_port_search_seconds_row_cached(wid);
-    return row < 0 ? 0 : connect_port_search_seconds_at(row);
-}
-
-static __always_inline void search_begin(void)
-{
-    u64 task = bpf_get_current_task();
-    struct search *s = search_slot(task);
+    struct search *s = search_slot(key);
     if (!s)
         return;
     u64 now = bpf_ktime_get_ns();
-    if (s->task && s->task != task && now - s->ts < IN_FLIGHT_NS)
+    if (s->key && s->key != key && now - s->ts < IN_FLIGHT_NS)
         count_stat(STAT_SLOT_BUSY);
     s->ts = now;
+    s->sk = sk;
     s->wid = workload_id();
-    s->task = task;
+    s->key = key;
 }
 
-/* The current task's search ended (failed: no port). A failure counts whether or not its start
- * was seen. */
-static __always_inline void search_end(int failed)
+/* One search of workload wid ended: its duration (when known) and whether it failed. */
+static __always_inline void search_done(u64 wid, u64 ns, int timed, int failed)
 {
-    u64 task = bpf_get_current_task();
-    struct search *s = search_slot(task);
-    u64 now = bpf_ktime_get_ns();
-    if (s && s->task == task) {
-        s->task = 0;
-        u64 *w = workload_row(s->wid);
-        if (w) {
-            hist_add(w, now - s->ts);
-            if (failed)
-                w[FAILURES_WORD]++;
-        }
+    int row = connect_port_search_seconds_row_cached(wid);
+    u64 *w = row < 0 ? 0 : connect_port_search_seconds_at(row);
+    if (!w)
         return;
-    }
-    if (failed) {
-        u64 *w = workload_row(workload_id());
-        if (w)
-            w[FAILURES_WORD]++;
-    }
+    if (timed)
+        hist_add(w, ns);
+    if (failed)
+        w[FAILURES_WORD]++;
 }
 
-#ifdef STRATEGY_STATE_SOCKOPS
+static __always_inline u64 read_u64(u64 sk, u32 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)sk + off);
+    return v;
+}
+
+/* A socket that left SYN_SENT for CLOSE with no search of ours in flight: a failed search iff it
+ * never sent a segment (the start was lost to a slot collision, or predates the probe). */
+static __always_inline void unmatched_close(u64 sk)
+{
+    if (read_u64(sk, TCP_WSTAMP_OFF) == 0)
+        search_done(workload_id(), 0, 0, 1);
+}
 
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
@@ -95,29 +101,68 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
     int begin = oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT;
+#ifdef STRATEGY_STATE
+    if (!begin && oldstate != TCP_SYN_SENT)
+#else
     if (!begin && !(oldstate == TCP_SYN_SENT && newstate == TCP_CLOSE))
+#endif
         return 0; /* every other TCP state change on the node: two compares */
     u64 sk = ctx->args[0];
     u16 protocol = 0;
     bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)sk + SK_PROTOCOL_OFF);
     if (protocol != IPPROTO_TCP_)
         return 0; /* MPTCP's own socket, SCTP */
+#ifdef STRATEGY_STATE
     if (begin) {
-        search_begin();
+        search_begin(sk, sk);
         return 0;
     }
-    u16 num = 0;
-    bpf_probe_read_kernel(&num, sizeof(num), (void *)sk + SKC_NUM_OFF);
-    if (num == 0)
-        search_end(1);
-    return 0; /* closed with a port: the search had ended at TCP_CONNECT_CB */
+    struct search *s = search_slot(sk);
+    if (!s || s->key != sk) {
+        if (newstate == TCP_CLOSE)
+            unmatched_close(sk);
+        return 0;
+    }
+    s->key = 0;
+    u64 wstamp = read_u64(sk, TCP_WSTAMP_OFF);
+    if (wstamp < s->ts) { /* no SYN since the search began */
+        if (newstate == TCP_CLOSE)
+            search_done(s->wid, bpf_ktime_get_ns() - s->ts, 1, 1);
+        return 0; /* ESTABLISHED without a SYN: TCP_REPAIR */
+    }
+    u32 retrans = 0;
+    bpf_probe_read_kernel(&retrans, sizeof(retrans), (void *)sk + TOTAL_RETRANS_OFF);
+    if (retrans)
+        count_stat(STAT_SYN_RETRANSMITTED);
+    search_done(s->wid, wstamp - s->ts, retrans == 0, 0);
+#else
+    u64 task = bpf_get_current_task();
+    if (begin) {
+        search_begin(task, sk);
+        return 0;
+    }
+    struct search *s = search_slot(task);
+    if (s && s->key == task && s->sk == sk) {
+        s->key = 0;
+        search_done(s->wid, bpf_ktime_get_ns() - s->ts, 1, 1);
+        return 0;
+    }
+    unmatched_close(sk); /* closed after its search had ended, or from softirq */
+#endif
+    return 0;
 }
 
+#ifdef STRATEGY_STATE_SOCKOPS
 int connect_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->op == BPF_SOCK_OPS_TCP_CONNECT_CB)
-        search_end(0);
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+        return 1;
+    u64 task = bpf_get_current_task();
+    struct search *s = search_slot(task);
+    if (s && s->key == task) {
+        s->key = 0;
+        search_done(s->wid, bpf_ktime_get_ns() - s->ts, 1, 0);
+    }
     return 1; /* never changes the connection: reply untouched */
 }
-
 #endif /* STRATEGY_STATE_SOCKOPS */

@@ -2,9 +2,12 @@
 found none free (EADDRNOTAVAIL from the ephemeral port search).
 
 Kernel interfaces (``connect.bpf.c``): the ``sock:inet_sock_set_state`` tracepoint as a raw
-tracepoint, and a ``sock_ops`` program (``BPF_SOCK_OPS_TCP_CONNECT_CB``) attached to the cgroup v2
-root as a BPF link (``probes/bpfsys.py``: detached when the agent's fd closes, alongside any other
-program on that hook). Offsets of ``sock.sk_protocol`` and ``sock_common.skc_num`` from BTF.
+tracepoint and, read from the socket it passes, ``tcp_sock.tcp_wstamp_ns`` (when the SYN left) and
+``total_retrans`` (strategy ``tracepoint``, the default); or the tracepoint and a ``sock_ops``
+program (``BPF_SOCK_OPS_TCP_CONNECT_CB``) attached to the cgroup v2 root as a BPF link
+(``probes/bpfsys.py``: detached when the agent's fd closes, alongside any other program on that
+hook), strategy ``tracepoint+sock_ops``: exact end, but every TCP socket of the node then runs the
+cgroup's sock_ops callbacks (README, cost table). Member offsets from BTF.
 
 Exported: ``nodetune_connect_port_search_seconds`` (histogram) and
 ``nodetune_connect_port_allocation_failures_total``, both with the workload labels.
@@ -32,6 +35,7 @@ from probes.settings import Setting
 
 log = logging.getLogger(__name__)
 
+STATE = "tracepoint"
 STATE_SOCKOPS = "tracepoint+sock_ops"
 HIST = "connect_port_search_seconds"
 FAILURES_WORD = ROW_WORDS  # after the histogram's slots and sum
@@ -41,20 +45,20 @@ class ConnectProbe(Probe):
     """See module docstring."""
 
     name = "connect"
-    strategies = (STATE_SOCKOPS,)
+    strategies = (STATE, STATE_SOCKOPS)
     source_file = "connect.bpf.c"
     settings = (
         Setting("max_cgroups", 1024, "in-kernel per-workload rows (208 B x CPUs each)", maximum=65536),
         Setting(
             "search_slots",
             4096,
-            "port searches in flight at once, direct-mapped by socket (24 B each)",
+            "port searches in flight at once, direct-mapped by socket or task (32 B each)",
             minimum=64,
             maximum=1 << 20,
             power_of_two=True,
         ),
     )
-    stat_reasons = ("slot_busy",)
+    stat_reasons = ("slot_busy", "syn_retransmitted")
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -63,21 +67,29 @@ class ConnectProbe(Probe):
     def row_sets(self) -> tuple[RowSet, ...]:
         return (RowSet(HIST, ROW_WORDS + 1, self.config["max_cgroups"]),)
 
-    def _offsets(self) -> tuple[int, int] | str:
+    def _offsets(self) -> dict[str, int] | str:
+        """Offsets of the socket members the C reads, from BTF; or why they are not readable."""
         btf = self.kernel.btf
         if btf is None:
             return f"no kernel BTF at {self.kernel.btf_path} for struct sock offsets"
-        try:
-            protocol = btf.member("sock", "sk_protocol")
-            num = btf.member("sock_common", "skc_num")
-        except BTFError as e:  # sk_protocol is a bitfield before 5.6
-            return f"struct sock layout not readable: {e}"
-        if protocol.size != 2 or num.size != 2:
-            return f"unexpected sizes: sk_protocol {protocol.size} B, skc_num {num.size} B"
-        return protocol.offset, num.offset
+        wanted = {  # macro: (struct, member, size)
+            "SK_PROTOCOL_OFF": ("sock", "sk_protocol", 2),  # a bitfield before 5.6
+            "TCP_WSTAMP_OFF": ("tcp_sock", "tcp_wstamp_ns", 8),  # 4.20+
+            "TOTAL_RETRANS_OFF": ("tcp_sock", "total_retrans", 4),
+        }
+        offsets = {}
+        for macro, (struct, name, size) in wanted.items():
+            try:
+                member = btf.member(struct, name)
+            except BTFError as e:
+                return f"struct {struct} layout not readable: {e}"
+            if member.size != size:
+                return f"unexpected size of {struct}.{name}: {member.size} B, not {size}"
+            offsets[macro] = member.offset
+        return offsets
 
     def unsupported(self, strategy: str) -> str | None:
-        if self.kernel.cgroup2_root is None:
+        if strategy == STATE_SOCKOPS and self.kernel.cgroup2_root is None:
             return "no cgroup v2 hierarchy mounted to attach the sock_ops program to"
         btf = self.kernel.btf
         if btf is not None and not btf.has_function("__traceiter_inet_sock_set_state"):
@@ -90,17 +102,20 @@ class ConnectProbe(Probe):
         if isinstance(offsets, str):
             raise ValueError(offsets)
         return [
-            "-DSTRATEGY_STATE_SOCKOPS",
+            "-DSTRATEGY_STATE" if strategy == STATE else "-DSTRATEGY_STATE_SOCKOPS",
             f"-DSEARCH_SLOTS={self.config['search_slots']}",
             f"-DFAILURES_WORD={FAILURES_WORD}",
-            f"-DSK_PROTOCOL_OFF={offsets[0]}",
-            f"-DSKC_NUM_OFF={offsets[1]}",
+            *(f"-D{macro}={offset}" for macro, offset in offsets.items()),
         ]
 
     def _after_load(self, strategy: str) -> None:
+        if strategy == STATE_SOCKOPS:
+            self._link()
+
+    def _link(self) -> None:
         from bcc import BPF  # loaded: BCC is importable
 
-        fn = self._bpf.load_func(b"connect_sockops", BPF.SOCK_OPS)
+        fn = self._bpf.load_func(b"connect_sockops", BPF.SOCK_OPS)  # BCC loads a function once
         cgroup_fd = os.open(str(self.kernel.cgroup2_root), os.O_RDONLY | os.O_DIRECTORY)
         try:
             self._link_fd = bpfsys.link_create(fn.fd, cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS)
@@ -108,18 +123,29 @@ class ConnectProbe(Probe):
             os.close(cgroup_fd)
         log.info("connect: sock_ops linked to %s", self.kernel.cgroup2_root)
 
-    def _close_bpf(self) -> None:
+    def _unlink(self) -> None:
         if self._link_fd is not None:
             os.close(self._link_fd)  # the link's last fd: the program leaves the cgroup
             self._link_fd = None
+
+    def _pause_hooks(self) -> None:
+        self._unlink()
+
+    def _resume_hooks(self) -> None:
+        if self.attach == STATE_SOCKOPS:
+            self._link()
+
+    def _close_bpf(self) -> None:
+        self._unlink()
         super()._close_bpf()
 
     # --- scrape time ----------------------------------------------------------------------
     def collect_loaded(self) -> Iterable[Metric]:
         hist = CompactHistogram(
             "nodetune_" + HIST,
-            "Time the kernel spent choosing a local port for a TCP connect() (from the SYN_SENT "
-            "state change before the port search to the connect callback after it), per workload.",
+            "Time the kernel spent choosing a local port for a TCP connect(), from the SYN_SENT "
+            "state change before the port search to the SYN's departure (or the connect callback) "
+            "after it, per workload.",
             labels=self.labeler.label_names,
         )
         failures = CompactScalar(

@@ -11,18 +11,23 @@ import os
 import subprocess
 import sys
 import uuid
+from functools import partial
 
 from agent.collectors.ports import destination
 
-# Listens on the given addresses (unless another holder does), accepts forever (so connections
-# reach ESTABLISHED), opens N client connections to each listener, then makes EXTRA more attempts
-# to the first; prints "ok" or the errno of the first failed connect, the count held, and the
-# extra attempts' outcomes ("EADDRNOTAVAIL=5").
+# Listens on the given addresses (unless another holder does, or the address starts with "!": no
+# listener, connects are refused), accepts forever (so connections reach ESTABLISHED), opens N
+# client connections to each listener, then makes EXTRA more attempts to the first; prints "ok" or
+# the errno of the first failed connect, the count held, and the extra attempts' outcomes
+# ("EADDRNOTAVAIL=5").
 HOLDER = """
 import errno, socket, sys, threading, time
-n, extra = int(sys.argv[1]), int(sys.argv[2]); targets = sys.argv[3:]
+n, extra = int(sys.argv[1]), int(sys.argv[2])
+unheard = {t.lstrip("!") for t in sys.argv[3:] if t.startswith("!")}
+targets = [t.lstrip("!") for t in sys.argv[3:]]
 servers = []
 for t in targets:
+    if t in unheard: continue
     host, port = t.rsplit(":", 1)
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,6 +76,13 @@ if cmd == "close":
 """
 
 
+def enter_cgroup(cgroup: str | None) -> None:
+    """Between fork and exec: move this process into ``cgroup`` (ip and python inherit it)."""
+    if cgroup:
+        with open(f"{cgroup}/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+
 class Netns:
     def __init__(self, port_range: str, reserved: str = "") -> None:
         self.name = f"nodetune-test-{uuid.uuid4().hex[:8]}"
@@ -92,20 +104,28 @@ class Netns:
         """HOLDER in the namespace: ``n`` connections per target held open, then ``extra`` more
         attempts (counted by outcome). ``cgroup``: a cgroup directory to run it in."""
 
-        def enter() -> None:  # between fork and exec: the cgroup is inherited by ip and python
-            if cgroup:
-                with open(f"{cgroup}/cgroup.procs", "w") as f:
-                    f.write(str(os.getpid()))
-
         p = subprocess.Popen(
             ["ip", "netns", "exec", self.name, sys.executable, "-c", HOLDER, str(n), str(extra), *targets],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=enter,
+            preexec_fn=partial(enter_cgroup, cgroup),
         )
         self.procs.append(p)
         return p, p.stdout.readline().strip()
+
+    def run(self, code: str, cgroup: str | None = None) -> str:
+        """``python -c code`` in the namespace (in ``cgroup``, a cgroup directory, if given); its
+        stdout once it exited."""
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=partial(enter_cgroup, cgroup),
+        )
+        self.procs.append(p)
+        out, _ = p.communicate(timeout=60)
+        return out.strip()
 
     def ss_in_use(self, low: int, high: int) -> dict[str, int]:
         """``ss -tan`` in the namespace: distinct local ports in [low, high] per destination."""

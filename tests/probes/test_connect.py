@@ -12,7 +12,7 @@ import pytest
 from probes import bpfsys
 from probes.base import KernelFacts
 from probes.btf import BTFError, Member
-from probes.connect import FAILURES_WORD, HIST, STATE_SOCKOPS, ConnectProbe
+from probes.connect import FAILURES_WORD, HIST, STATE, STATE_SOCKOPS, ConnectProbe
 from probes.histogram import NSLOTS
 from tests.probes.test_runqlat import IdLabeler
 
@@ -25,7 +25,11 @@ class FakeBTF:
         return name in ("bpf_get_current_task_btf", "__traceiter_inet_sock_set_state")
 
     def member(self, struct: str, name: str) -> Member:
-        table = {("sock", "sk_protocol"): Member(532, self.protocol_size), ("sock_common", "skc_num"): Member(14, 2)}
+        table = {
+            ("sock", "sk_protocol"): Member(532, self.protocol_size),
+            ("tcp_sock", "tcp_wstamp_ns"): Member(1600, 8),
+            ("tcp_sock", "total_retrans"): Member(2200, 4),
+        }
         if (struct, name) not in table:
             raise BTFError(f"struct {struct} has no member {name!r}")
         return table[(struct, name)]
@@ -37,19 +41,27 @@ def fake_probe(tmp_path: Path, cgroup2: Path | None, btf: FakeBTF | None) -> Con
     return ConnectProbe(k, IdLabeler(), search_slots=256)
 
 
-def test_render_uses_btf_offsets_and_a_bounded_slot_array(tmp_path: Path) -> None:
-    text, cflags = fake_probe(tmp_path, tmp_path, FakeBTF()).render(STATE_SOCKOPS)
+@pytest.mark.parametrize("strategy, macro", [(STATE, "-DSTRATEGY_STATE"), (STATE_SOCKOPS, "-DSTRATEGY_STATE_SOCKOPS")])
+def test_render_uses_btf_offsets_and_a_bounded_slot_array(tmp_path: Path, strategy: str, macro: str) -> None:
+    text, cflags = fake_probe(tmp_path, tmp_path, FakeBTF()).render(strategy)
     assert "RAW_TRACEPOINT_PROBE(inet_sock_set_state)" in text and "int connect_sockops(" in text
     assert "BPF_ARRAY(connect_searches, struct search, SEARCH_SLOTS);" in text
-    assert {"-DSEARCH_SLOTS=256", "-DSK_PROTOCOL_OFF=532", "-DSKC_NUM_OFF=14", f"-DFAILURES_WORD={NSLOTS + 1}"} <= set(
-        cflags
-    )
+    assert {
+        macro,
+        "-DSEARCH_SLOTS=256",
+        "-DSK_PROTOCOL_OFF=532",
+        "-DTCP_WSTAMP_OFF=1600",
+        "-DTOTAL_RETRANS_OFF=2200",
+        f"-DFAILURES_WORD={NSLOTS + 1}",
+    } <= set(cflags)
 
 
-def test_unavailable_without_cgroup2_or_readable_sock_layout(tmp_path: Path) -> None:
+def test_unavailable_without_readable_sock_layout_and_sock_ops_without_cgroup2(tmp_path: Path) -> None:
+    assert fake_probe(tmp_path, None, FakeBTF()).unsupported(STATE) is None  # one tracepoint, no cgroup
     assert "cgroup v2" in fake_probe(tmp_path, None, FakeBTF()).unsupported(STATE_SOCKOPS)
-    assert "unexpected sizes" in fake_probe(tmp_path, tmp_path, FakeBTF(protocol_size=1)).unsupported(STATE_SOCKOPS)
-    assert "no kernel BTF" in fake_probe(tmp_path, tmp_path, None).unsupported(STATE_SOCKOPS)
+    bad = fake_probe(tmp_path, tmp_path, FakeBTF(protocol_size=1)).unsupported(STATE)
+    assert "unexpected size of sock.sk_protocol: 1 B" in bad
+    assert "no kernel BTF" in fake_probe(tmp_path, tmp_path, None).unsupported(STATE)
 
 
 def test_settings_are_validated(tmp_path: Path) -> None:
@@ -60,10 +72,10 @@ def test_settings_are_validated(tmp_path: Path) -> None:
 # --- on the real kernel --------------------------------------------------------------------------
 
 
-def loaded(cache: Path, cgroup2: Path) -> ConnectProbe:
-    probe = ConnectProbe(KernelFacts(cache_dir=cache, cgroup2_root=cgroup2), IdLabeler())
+def loaded(cache: Path, cgroup2: Path, strategy: str = STATE) -> ConnectProbe:
+    probe = ConnectProbe(KernelFacts(cache_dir=cache, cgroup2_root=cgroup2), IdLabeler(), only_strategies=[strategy])
     probe.load()
-    assert probe.attach == STATE_SOCKOPS
+    assert probe.attach == strategy
     return probe
 
 
@@ -72,25 +84,91 @@ def row(probe: ConnectProbe, cgroup_id: int) -> list[int]:
 
 
 @pytest.mark.bpf
+@pytest.mark.parametrize("strategy", [STATE, STATE_SOCKOPS])
 def test_exhausted_range_counts_each_failed_connect_of_the_cgroup(
-    header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns
+    header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns, strategy: str
 ) -> None:
-    """The seed: 10 ports, 10 connections held to one listener, then 5 more connects fail with
-    EADDRNOTAVAIL (the holder reports it): exactly 5 failures and 15 searches for that cgroup."""
-    cg = make_cgroup("connect")
-    ns = netns("40000 40009")
-    probe = loaded(header_cache, cgroup_v2_root)
+    """The seed, over IPv4 and IPv6: 10 ports, 10 connections held to one listener, then 5 more
+    connects fail with EADDRNOTAVAIL (the holder reports it): exactly 5 failures and 15 searches
+    for each cgroup."""
+    cg4, cg6 = make_cgroup("connect4"), make_cgroup("connect6")
+    ns4, ns6 = netns("40000 40009"), netns("40000 40009")
+    probe = loaded(header_cache, cgroup_v2_root, strategy)
     try:
-        before = row(probe, cg.id)
-        _, out = ns.hold(10, "127.0.0.1:30000", extra=5, cgroup=str(cg.path))
-        after = row(probe, cg.id)
+        before = {4: row(probe, cg4.id), 6: row(probe, cg6.id)}
+        _, out4 = ns4.hold(10, "127.0.0.1:30000", extra=5, cgroup=str(cg4.path))
+        _, out6 = ns6.hold(10, "[::1]:30000", extra=5, cgroup=str(cg6.path))
+        after = {4: row(probe, cg4.id), 6: row(probe, cg6.id)}
         stats = probe.read_stats()
     finally:
         probe.close()
-    assert out == "ok 10 EADDRNOTAVAIL=5", out
-    assert after[FAILURES_WORD] - before[FAILURES_WORD] == 5
-    assert sum(after[:NSLOTS]) - sum(before[:NSLOTS]) == 15  # 10 successful searches, 5 failed
+    assert out4 == out6 == "ok 10 EADDRNOTAVAIL=5", (out4, out6)
+    for family in (4, 6):
+        assert after[family][FAILURES_WORD] - before[family][FAILURES_WORD] == 5, family
+        assert sum(after[family][:NSLOTS]) - sum(before[family][:NSLOTS]) == 15, family  # 10 found a port, 5 not
     assert stats["slot_busy"] == 0
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("strategy", [STATE, STATE_SOCKOPS])
+def test_refused_connects_found_a_port_and_are_no_failures(
+    header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns, strategy: str
+) -> None:
+    """10 connects to a port nobody listens on: each found a local port, sent its SYN and got a
+    RST (ECONNREFUSED). SYN_SENT -> CLOSE with the port already released (inet_num is 0 again):
+    10 searches, no failure."""
+    cg = make_cgroup("refused")
+    ns = netns("40000 40009")
+    probe = loaded(header_cache, cgroup_v2_root, strategy)
+    try:
+        _, out = ns.hold(0, "!127.0.0.1:30000", extra=10, cgroup=str(cg.path))
+        counts = row(probe, cg.id)
+    finally:
+        probe.close()
+    assert out == "ok 0 ECONNREFUSED=10", out
+    assert counts[FAILURES_WORD] == 0
+    assert sum(counts[:NSLOTS]) == 10
+
+
+# A socket bound to local port 40000 connects to a listener; three more, bound to the same port
+# (SO_REUSEADDR on all), connect to the same listener: that 4-tuple is taken (EADDRNOTAVAIL).
+BOUND_TWICE = """
+import errno, socket
+srv = socket.socket(); srv.bind(("127.0.0.1", 30000)); srv.listen(16)
+def bound():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 40000))
+    return s
+first = bound(); first.connect(("127.0.0.1", 30000))
+outcomes = []
+for _ in range(3):
+    s = bound()
+    try:
+        s.connect(("127.0.0.1", 30000)); outcomes.append("ok")
+    except OSError as e:
+        outcomes.append(errno.errorcode[e.errno])
+    s.close()
+print(*outcomes)
+"""
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("strategy", [STATE, STATE_SOCKOPS])
+def test_bound_port_with_its_four_tuple_taken_is_a_failure(
+    header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns, strategy: str
+) -> None:
+    """A socket bound before connect() does not search the range, but the same check of its
+    4-tuple fails with EADDRNOTAVAIL: counted as a failure (and a search) like an empty range."""
+    cg = make_cgroup("bound")
+    ns = netns("40000 40009")
+    probe = loaded(header_cache, cgroup_v2_root, strategy)
+    try:
+        out = ns.run(BOUND_TWICE, cgroup=str(cg.path))
+        counts = row(probe, cg.id)
+    finally:
+        probe.close()
+    assert out == "EADDRNOTAVAIL EADDRNOTAVAIL EADDRNOTAVAIL", out
+    assert counts[FAILURES_WORD] == 3
+    assert sum(counts[:NSLOTS]) == 4
 
 
 @pytest.mark.bpf
@@ -122,6 +200,42 @@ def test_crowded_range_searches_slower_and_others_are_not_charged(
 
 
 @pytest.mark.bpf
+def test_syn_departure_agrees_with_the_connect_callback(
+    header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns
+) -> None:
+    """The two strategies end a search on independent signals: the kernel's own timestamp of the
+    SYN's departure (tcp_wstamp_ns) and a sock_ops callback run by tcp_connect() before it builds
+    the SYN. Loaded together over the same connects (an empty range and a crowded one), they count
+    the same searches, and the SYN leaves after the callback but by little against the search
+    (960 of 1024 ports in use)."""
+    fill, empty, crowded = make_cgroup("fill"), make_cgroup("empty"), make_cgroup("crowded")
+    ns_crowded, ns_empty = netns("40000 41023"), netns("40000 41023")
+    state = loaded(header_cache, cgroup_v2_root, STATE)
+    try:
+        sockops = loaded(header_cache, cgroup_v2_root, STATE_SOCKOPS)
+        try:
+            _, out = ns_crowded.hold(960, "127.0.0.1:30000", cgroup=str(fill.path))
+            assert out == "ok 960", out  # 64 ports left: each connect below leaves one in TIME_WAIT
+            _, out_c = ns_crowded.hold(0, "127.0.0.1:30000", extra=50, cgroup=str(crowded.path))
+            _, out_e = ns_empty.hold(0, "127.0.0.1:30000", extra=50, cgroup=str(empty.path))
+            rows = {(p.attach, n): row(p, cg.id) for p in (state, sockops) for n, cg in (("e", empty), ("c", crowded))}
+        finally:
+            sockops.close()
+    finally:
+        state.close()
+    assert out_c == out_e == "ok 0 ok=50", (out_c, out_e)
+    for case in ("e", "c"):
+        by_syn, by_callback = rows[(STATE, case)], rows[(STATE_SOCKOPS, case)]
+        assert sum(by_syn[:NSLOTS]) == sum(by_callback[:NSLOTS]) == 50
+        mean_syn, mean_callback = by_syn[NSLOTS] / 50, by_callback[NSLOTS] / 50
+        print(f"{case}: SYN departure {mean_syn / 1e3:.2f} us, connect callback {mean_callback / 1e3:.2f} us")
+        assert mean_syn > mean_callback
+    gap = rows[(STATE, "e")][NSLOTS] / 50 - rows[(STATE_SOCKOPS, "e")][NSLOTS] / 50
+    crowded_search = rows[(STATE_SOCKOPS, "c")][NSLOTS] / 50
+    assert gap < 0.25 * crowded_search  # what the SYN adds is small next to a crowded search
+
+
+@pytest.mark.bpf
 def test_close_detaches_the_sock_ops_link(header_cache: Path, cgroup_v2_root: Path) -> None:
     """The program is linked to the cgroup root next to whatever else is there, and gone on close."""
 
@@ -133,13 +247,44 @@ def test_close_detaches_the_sock_ops_link(header_cache: Path, cgroup_v2_root: Pa
             os.close(fd)
 
     baseline = attached()
-    probe = loaded(header_cache, cgroup_v2_root)
+    probe = loaded(header_cache, cgroup_v2_root, STATE_SOCKOPS)
     try:
         assert attached() == baseline + 1
-        second = loaded(header_cache, cgroup_v2_root)  # another user of the hook (BPF_F_ALLOW_MULTI)
+        second = loaded(header_cache, cgroup_v2_root, STATE_SOCKOPS)  # another user of the hook (BPF_F_ALLOW_MULTI)
         assert attached() == baseline + 2
         second.close()
         assert attached() == baseline + 1
     finally:
         probe.close()
     assert attached() == baseline
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("strategy", [STATE, STATE_SOCKOPS])
+def test_paused_probe_counts_nothing_until_resumed(
+    header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns, strategy: str
+) -> None:
+    """pause() (bench/'s A/B switch) detaches the tracepoint and the sock_ops link but keeps the
+    maps; resume() attaches both again."""
+    cg = make_cgroup("paused")
+    ns = netns("40000 40099")
+    fd = os.open(cgroup_v2_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        baseline = bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS)
+        linked = baseline + (strategy == STATE_SOCKOPS)
+        probe = loaded(header_cache, cgroup_v2_root, strategy)
+        try:
+            probe.pause()
+            assert bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS) == baseline
+            _, out = ns.hold(0, "127.0.0.1:30000", extra=5, cgroup=str(cg.path))
+            paused = sum(row(probe, cg.id)[:NSLOTS])
+            probe.resume()
+            assert bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS) == linked
+            _, out_again = ns.hold(0, "127.0.0.1:30001", extra=5, cgroup=str(cg.path))
+            resumed = sum(row(probe, cg.id)[:NSLOTS])
+        finally:
+            probe.close()
+    finally:
+        os.close(fd)
+    assert out == out_again == "ok 0 ok=5", (out, out_again)
+    assert (paused, resumed) == (0, 5)

@@ -40,6 +40,12 @@ def _common(p: argparse.ArgumentParser, log_level: str = "info") -> None:
         help=f"cgroup the probes charge a task to: {', '.join(HIERARCHY_CHOICES)} (default auto)",
     )
     for probe, cls in PROBES.items():  # each probe declares its own settings (probes/settings.py)
+        p.add_argument(
+            f"--{probe}-strategy",
+            dest=f"strategy__{probe}",
+            default="auto",
+            help=f"attach strategy: {', '.join(cls.strategies)}, or auto (default: the first this kernel supports)",
+        )
         for setting in cls.settings:
             p.add_argument(
                 setting.flag(probe),
@@ -57,6 +63,12 @@ def probe_settings(args: argparse.Namespace) -> dict[str, dict[str, int]]:
             _, probe, name = key.split("__", 2)
             out.setdefault(probe, {})[name] = value
     return out
+
+
+def probe_strategies(args: argparse.Namespace) -> dict[str, str]:
+    """Probes whose attach strategy was chosen (``--<probe>-strategy``, not ``auto``)."""
+    prefix = "strategy__"
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix) and v != "auto"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         "cache_dir": Path(args.cache_dir),
         "cgroup_hierarchy": args.cgroup_hierarchy,
         "probe_settings": probe_settings(args),
+        "probe_strategies": probe_strategies(args),
     }
     if args.command == "run":
         host, port = parse_listen(args.listen)

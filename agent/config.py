@@ -105,6 +105,9 @@ class AgentConfig:
     TCP table per scrape (README, Ephemeral ports): large nodes with the shared table may leave it out."""
     probe_settings: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     """Per probe, its declared settings (``--<probe>-<setting>``; each probe documents its own)."""
+    probe_strategies: Mapping[str, str] = field(default_factory=dict)
+    """Per probe, the one attach strategy to use (``--<probe>-strategy``); absent: the first of the
+    probe's strategies this kernel supports."""
     cgroup_hierarchy: str = "auto"
     """Which cgroup a task is charged to: ``unified`` (v2), ``cpu`` (the v1 cpu controller, for hosts
     whose pods live only in v1 controllers), or ``auto`` (``cpu`` when it holds the pods and v2 does not)."""
@@ -149,6 +152,12 @@ class AgentConfig:
                 PROBES[probe].validate_settings(dict(values))
             except SettingError as e:
                 raise ConfigError(str(e)) from None
+        for probe, strategy in self.probe_strategies.items():
+            if probe not in PROBES:
+                raise ConfigError(f"strategy for unknown probe {probe!r}")
+            if strategy not in PROBES[probe].strategies:
+                known = ", ".join(PROBES[probe].strategies)
+                raise ConfigError(f"--{probe}-strategy {strategy!r}: expected one of {known}, or auto")
         if self.kubeconfig is not None and not self.kubeconfig.is_file():
             raise ConfigError(f"--kubeconfig {self.kubeconfig}: not a file")
         if not self.host_root.is_dir():

@@ -62,9 +62,11 @@ class FailedUnit:
 
 
 def make_probe(name: str, config: AgentConfig, kernel: KernelFacts, workloads: Workloads) -> Probe:
+    strategy = config.probe_strategies.get(name)
     return PROBES[name](
         kernel,
         workloads,
+        only_strategies=[strategy] if strategy else None,
         series_grace_s=config.workload_series_grace_s,
         **config.probe_settings.get(name, {}),
     )

@@ -52,6 +52,8 @@ def test_probes() -> None:
         {"probe_settings": {"runqlat": {"max_cgroups": 0}}},
         {"probe_settings": {"runqlat": {"max_pid_slots": 3000}}},
         {"probe_settings": {"nosuchprobe": {}}},
+        {"probe_strategies": {"connect": "kprobe"}},
+        {"probe_strategies": {"nosuchprobe": "tracepoint"}},
         {"cgroup_hierarchy": "v3"},
         {"workload_series_grace_s": -1},
         {"host_root": Path("/nonexistent")},
@@ -80,6 +82,8 @@ def test_bad_settings(kwargs: dict) -> None:
         ["run", "--profile", "/nonexistent.yaml"],
         ["run", "--lockstat-top-callers", "0"],
         ["run", "--connect-search-slots", "1000"],
+        ["run", "--connect-strategy", "fexit"],
+        ["probes", "--runqlat-strategy", "tracepoint+sock_ops"],
     ],
 )
 def test_bad_flags_exit_2_and_touch_nothing(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -101,7 +105,22 @@ def test_probes_command_reports_strategy_and_headers(header_cache: Path) -> None
     report = json.loads(out.stdout)
     assert report["headers"].split()[0] in ("host", "kheaders", "distribution")
     attach = {p["probe"]: p["attach"] for p in report["probes"] if p["loadable"]}
-    assert attach == {"runqlat": "raw_tracepoint", "lockstat": "raw_tracepoint", "connect": "tracepoint+sock_ops"}
+    assert attach == {"runqlat": "raw_tracepoint", "lockstat": "raw_tracepoint", "connect": "tracepoint"}
+
+
+@pytest.mark.bpf
+def test_strategy_flag_picks_the_attach_strategy(header_cache: Path) -> None:
+    flags = ["--connect-strategy", "tracepoint+sock_ops", "--runqlat-strategy", "tracepoint"]
+    flags += ["--probes", "connect,runqlat", "--cache-dir", str(header_cache)]
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "probes", "--json", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    attach = {p["probe"]: p["attach"] for p in json.loads(out.stdout)["probes"]}
+    assert attach == {"connect": "tracepoint+sock_ops", "runqlat": "tracepoint"}
 
 
 @pytest.mark.root  # reads /sys/kernel/btf/vmlinux for the offsets in the cflags
@@ -124,6 +143,7 @@ def test_every_probe_setting_has_a_flag() -> None:
 
     help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
     for name, cls in PROBES.items():
+        assert f"--{name}-strategy" in help_text
         for setting in cls.settings:
             assert setting.flag(name) in help_text
 

@@ -6,14 +6,23 @@
    interleaved rounds: median of the per-round cost ratios; kernel bpf_stats ns per event of
    contention_begin and contention_end. (``tests/contention.py``'s pipe workload contends more but
    its throughput swings by 2x between identical runs here: unusable for a ratio.)
+   Then the same on ``bench/lock_storm.c`` (4 threads modifying their own fd on one epoll
+   instance: ~1,000,000 contentions of its mutex per second, ten times the above, and steady
+   enough to resolve a few per cent), with a third arm: lockstat with its clock reads removed
+   (``bpf_ktime_get_ns()`` defined as 0: wrong numbers, for the cost split only).
 2. connect on a loopback connect()/close() storm (``bench/connect_storm.c``, compiled here with
-   gcc: a C loop, so the kernel path dominates, not an interpreter): connects per second off vs on,
-   median ratio; bpf_stats ns per event of the tracepoint and sock_ops programs.
+   gcc: a C loop, so the kernel path dominates, not an interpreter): connects per second off vs
+   each strategy vs empty programs on each strategy's hooks, median ratio
+   (``--storm-rounds-factor`` times as many rounds: its runs are short); bpf_stats ns per event
+   of the tracepoint and sock_ops programs.
 3. Syscall tax: ``perf bench syscall basic`` (getppid in a loop) with every default probe loaded
    (runqlat, lockstat, connect) vs none: median of per-round usecs/op ratios. None of the default
    strategies uses a syscalls:* tracepoint; this shows it.
 
-Ratios are measured with bpf_stats off, the ns/event in a separate run with it on. Run as root:
+Every arm is compiled and loaded once, then paused (``Probe.pause()``: hooks detached, maps
+kept); a round resumes one arm at a time, so its runs follow each other within milliseconds.
+Ratios are measured with bpf_stats off, the ns/event in a separate run with it on (bpf_stats
+itself adds about 70 ns per event here: an empty program reads 71-81 ns). Run as root:
 ``make bench-locks`` (``LOCK_ARGS="--rounds 10"``). bpf_stats is restored on exit; processes
 started here are ended by pid.
 """
@@ -28,15 +37,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.paths import HostPaths  # noqa: E402
 from bench.runqlat_overhead import STATS, prog_stats  # noqa: E402
-from probes.base import KernelFacts, Probe  # noqa: E402
-from probes.connect import ConnectProbe  # noqa: E402
+from probes import bpfsys  # noqa: E402
+from probes.base import Hooks, KernelFacts, Probe, attach_hooks, detach_hooks  # noqa: E402
+from probes.connect import STATE, STATE_SOCKOPS, ConnectProbe  # noqa: E402
 from probes.lockstat import LockstatProbe  # noqa: E402
 from probes.runqlat import RunqlatProbe  # noqa: E402
 
@@ -45,8 +57,13 @@ def kernel() -> KernelFacts:
     return KernelFacts(cgroup2_root=HostPaths().cgroup_v2())
 
 
-def loaded(classes: tuple[type[Probe], ...]) -> list[Probe]:
-    probes = [cls(kernel()) for cls in classes]  # type: ignore[call-arg]
+def probe(cls: type[Probe], strategy: str | None = None) -> Callable[[], Probe]:
+    """A factory of ``cls`` on this kernel, limited to ``strategy`` if given."""
+    return partial(cls, kernel(), only_strategies=[strategy] if strategy else None)  # type: ignore[arg-type]
+
+
+def loaded(factories: tuple[Callable[[], Probe], ...]) -> list[Probe]:
+    probes = [factory() for factory in factories]
     for p in probes:
         p.load()
     return probes
@@ -72,27 +89,71 @@ def epoll_ops(seconds: int) -> float:
     )
 
 
-class EmptyLockPrograms:
-    """Empty programs on contention_begin/_end: what the hooks cost any tool, as a floor."""
+class EmptyPrograms:
+    """Empty programs on a probe's hooks: what the hooks cost any tool using them, as a floor.
+    ``sock_ops``: also an empty sock_ops program linked to the cgroup v2 root."""
 
     name = "empty"
 
-    def __init__(self, kernel: KernelFacts) -> None:
-        self.bpf = None
+    def __init__(self, text: bytes, sock_ops: bool = False) -> None:
+        self.text, self.sock_ops = text, sock_ops
+        self.bpf: Any = None
+        self.link = -1
+        self.hooks: Hooks | None = None
 
     def load(self) -> None:
         from bcc import BPF
 
-        self.bpf = BPF(
-            text=b"RAW_TRACEPOINT_PROBE(contention_begin) { return 0; }\n"
-            b"RAW_TRACEPOINT_PROBE(contention_end) { return 0; }"
-        )
+        self.bpf = BPF(text=self.text + (b"\nint empty_sockops(struct bpf_sock_ops *s) { return 1; }" * self.sock_ops))
+        self._link()
+
+    def _link(self) -> None:
+        if self.sock_ops:
+            from bcc import BPF
+
+            fn = self.bpf.load_func(b"empty_sockops", BPF.SOCK_OPS)
+            fd = os.open(str(HostPaths().cgroup_v2()), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self.link = bpfsys.link_create(fn.fd, fd, bpfsys.BPF_CGROUP_SOCK_OPS)
+            finally:
+                os.close(fd)
+
+    def pause(self) -> None:
+        self.hooks = detach_hooks(self.bpf)
+        if self.link >= 0:
+            os.close(self.link)
+            self.link = -1
+
+    def resume(self) -> None:
+        if self.hooks is not None:
+            attach_hooks(self.bpf, self.hooks)
+            self.hooks = None
+            self._link()
 
     def close(self) -> None:
+        if self.link >= 0:
+            os.close(self.link)
         self.bpf.cleanup()
 
     def program_fds(self) -> dict[str, int]:
         return {}
+
+
+EMPTY_LOCK = b"RAW_TRACEPOINT_PROBE(contention_begin) { return 0; }\nRAW_TRACEPOINT_PROBE(contention_end) { return 0; }"
+EMPTY_STATE = b"RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }"
+
+
+class LockstatWithoutClock(LockstatProbe):
+    """lockstat with ``bpf_ktime_get_ns()`` replaced by 0: what the probe costs besides its two
+    clock reads per contention (an ablation; its wait times are meaningless)."""
+
+    def render(self, strategy: str | None = None) -> tuple[str, list[str]]:
+        text, cflags = super().render(strategy)
+        return "#define bpf_ktime_get_ns() (0ULL)\n" + text, cflags
+
+
+def lock_storm_rate(binary: Path, per_thread: int) -> float:
+    return float(subprocess.run([str(binary), "4", str(per_thread)], capture_output=True, text=True, check=True).stdout)
 
 
 def storm_rate(binary: Path, n: int) -> float:
@@ -103,72 +164,60 @@ def syscall_usecs(loops: int) -> float:
     return perf_number(["perf", "bench", "syscall", "basic", "-l", str(loops)], r"([\d.]+)\s+usecs/op")
 
 
-class EmptyConnectPrograms:
-    """Empty programs on the connect probe's hooks (the raw tracepoint and a sock_ops link on the
-    cgroup root): the floor of any tool using them."""
-
-    name = "empty"
-
-    def __init__(self, kernel: KernelFacts) -> None:
-        self.bpf = None
-        self.link = -1
-
-    def load(self) -> None:
-        from bcc import BPF
-
-        from probes import bpfsys
-
-        self.bpf = BPF(
-            text=b"RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }\n"
-            b"int empty_sockops(struct bpf_sock_ops *skops) { return 1; }"
-        )
-        fn = self.bpf.load_func(b"empty_sockops", BPF.SOCK_OPS)
-        fd = os.open(str(HostPaths().cgroup_v2()), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self.link = bpfsys.link_create(fn.fd, fd, bpfsys.BPF_CGROUP_SOCK_OPS)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        os.close(self.link)
-        self.bpf.cleanup()
-
-    def program_fds(self) -> dict[str, int]:
-        return {}
+Arm = tuple[Callable[[], Any], ...]  # factories of loadable things with pause()/resume()/close()
 
 
-def ab(
-    name: str, rounds: int, arms: dict[str, tuple[type, ...]], run: Callable[[], float], higher_is_better: bool
-) -> None:
-    """Interleaved rounds of ``run`` with nothing loaded and with each arm's probes, the order
+def ab(name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], higher_is_better: bool) -> None:
+    """Interleaved rounds of ``run`` with nothing attached and with each arm's probes, the order
     rotating every round (bpf_stats off: its clock reads would be charged to the arms); prints
-    each arm's median per-round cost ratio against the unloaded run of the same round."""
-    ratios: dict[str, list[float]] = {arm: [] for arm in arms}
-    states = ["off", *arms]
-    for r in range(rounds):
-        order = states[r % len(states) :] + states[: r % len(states)]
-        results = {}
-        for state in order:
-            probes = loaded(arms[state]) if state != "off" else []
-            try:
-                results[state] = run()
-            finally:
-                close(probes)
-        line = []
-        for arm in arms:
-            ratio = results["off"] / results[arm] if higher_is_better else results[arm] / results["off"]
-            ratios[arm].append(ratio)
-            line.append(f"{arm} x{ratio:.3f}")
-        print(f"  {name} round {r + 1}: off {results['off']:.4g}; " + ", ".join(line), flush=True)
+    each arm's median per-round cost ratio against the unloaded run of the same round. Every arm
+    is compiled and loaded once, then paused; a round resumes one arm at a time, so the runs of
+    a round follow each other within milliseconds and share the machine's slow swings."""
+    loaded_arms: dict[str, list[Any]] = {}
+    try:
+        for arm, factories in arms.items():
+            loaded_arms[arm] = []
+            for factory in factories:
+                thing = factory()
+                thing.load()
+                loaded_arms[arm].append(thing)
+                thing.pause()
+        ratios: dict[str, list[float]] = {arm: [] for arm in arms}
+        states = ["off", *arms]
+        for r in range(rounds):
+            order = states[r % len(states) :] + states[: r % len(states)]
+            results = {}
+            for state in order:
+                things = loaded_arms.get(state, [])
+                for thing in things:
+                    thing.resume()
+                try:
+                    results[state] = run()
+                finally:
+                    for thing in things:
+                        thing.pause()
+            line = []
+            for arm in arms:
+                ratio = results["off"] / results[arm] if higher_is_better else results[arm] / results["off"]
+                ratios[arm].append(ratio)
+                line.append(f"{arm} x{ratio:.3f}")
+            print(f"  {name} round {r + 1}: off {results['off']:.4g}; " + ", ".join(line), flush=True)
+    finally:
+        for things in loaded_arms.values():
+            for thing in things:
+                thing.close()
     for arm, values in ratios.items():
-        median, low, high = statistics.median(values), min(values), max(values)
-        print(f"{name} {arm}: median cost ratio x{median:.3f} (min {low:.3f}, max {high:.3f})")
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        print(
+            f"{name} {arm}: median cost ratio x{statistics.median(values):.3f} "
+            f"(quartiles {q[0]:.3f}-{q[2]:.3f}, min {min(values):.3f}, max {max(values):.3f}, {len(values)} rounds)"
+        )
 
 
-def per_event(classes: tuple[type[Probe], ...], run: Callable[[], float]) -> None:
+def per_event(factories: tuple[Callable[[], Probe], ...], run: Callable[[], float]) -> None:
     """Kernel bpf_stats of each program over one run: ns per event."""
     saved = STATS.read_text()
-    probes = loaded(classes)
+    probes = loaded(factories)
     try:
         STATS.write_text("1\n")
         fds = {fd: f"{p.name}:{prog}" for p in probes for prog, fd in p.program_fds().items()}
@@ -185,32 +234,68 @@ def per_event(classes: tuple[type[Probe], ...], run: Callable[[], float]) -> Non
             print(f"  bpf_stats {label}: {ns / cnt:.0f} ns/event over {cnt} events")
 
 
+def connect_section(args: argparse.Namespace, storm: Path) -> None:
+    print("\n### connect: loopback connect()/close() storm (connects/s)")
+    arms: dict[str, Arm] = {
+        "connect tracepoint": (probe(ConnectProbe, STATE),),
+        "empty tracepoint": (partial(EmptyPrograms, EMPTY_STATE),),
+        "connect tracepoint+sock_ops": (probe(ConnectProbe, STATE_SOCKOPS),),
+        "empty tracepoint+sock_ops": (partial(EmptyPrograms, EMPTY_STATE, sock_ops=True),),
+    }
+    ab("connect", args.rounds * args.storm_rounds_factor, arms, lambda: storm_rate(storm, args.connects), True)
+    for strategy in (STATE, STATE_SOCKOPS):
+        print(f"  {strategy}:")
+        per_event((probe(ConnectProbe, strategy),), lambda: storm_rate(storm, args.connects))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--seconds", type=int, default=3, help="perf bench epoll wait -r")
-    ap.add_argument("--connects", type=int, default=50000, help="connects per storm run")
+    ap.add_argument("--connects", type=int, default=10000, help="connects per storm run")
+    ap.add_argument("--lock-ops", type=int, default=200000, help="epoll_ctl calls per thread per lock storm run")
+    ap.add_argument(
+        "--storm-rounds-factor", type=int, default=3, help="storm rounds = rounds x this (their runs are short)"
+    )
     ap.add_argument("--syscalls", type=int, default=5_000_000, help="perf bench syscall basic -l")
+    ap.add_argument("--only", choices=("lockstat", "connect", "syscall"), action="append", help="sections to run")
     args = ap.parse_args()
+    only = set(args.only or ("lockstat", "connect", "syscall"))
     if os.geteuid() != 0:
         print("bench needs root", file=sys.stderr)
         return 1
     kernel().headers.apply_env()
     print(f"kernel {os.uname().release}; {os.cpu_count()} CPUs; {args.rounds} interleaved rounds")
-    with tempfile.TemporaryDirectory() as tmp:
-        storm = Path(tmp) / "connect_storm"
-        subprocess.run(["gcc", "-O2", "-o", str(storm), str(REPO / "bench/connect_storm.c")], check=True)
+    if "lockstat" in only:
         print("\n### lockstat: perf bench epoll wait -t 4 (ops/s), 2 CPUs")
-        lock_arms = {"lockstat": (LockstatProbe,), "empty programs": (EmptyLockPrograms,)}
+        lock_arms: dict[str, Arm] = {
+            "lockstat": (probe(LockstatProbe),),
+            "empty programs": (partial(EmptyPrograms, EMPTY_LOCK),),
+        }
         ab("lockstat", args.rounds, lock_arms, lambda: epoll_ops(args.seconds), True)
-        per_event((LockstatProbe,), lambda: epoll_ops(args.seconds))
-        print("\n### connect: loopback connect()/close() storm (connects/s)")
-        connect_arms = {"connect": (ConnectProbe,), "empty programs": (EmptyConnectPrograms,)}
-        ab("connect", args.rounds, connect_arms, lambda: storm_rate(storm, args.connects), True)
-        per_event((ConnectProbe,), lambda: storm_rate(storm, args.connects))
-    print("\n### syscall tax: perf bench syscall basic (usecs/op), all default probes vs none")
-    arms = {"all probes": (RunqlatProbe, LockstatProbe, ConnectProbe)}
-    ab("syscall", args.rounds, arms, lambda: syscall_usecs(args.syscalls), False)
+        per_event((probe(LockstatProbe),), lambda: epoll_ops(args.seconds))
+        with tempfile.TemporaryDirectory() as tmp:
+            lock_storm = Path(tmp) / "lock_storm"
+            cc = ["gcc", "-O2", "-pthread", "-o", str(lock_storm), str(REPO / "bench/lock_storm.c")]
+            subprocess.run(cc, check=True)
+            print("\n### lockstat: lock storm, 4 threads on one epoll instance (epoll_ctl/s)")
+            arms: dict[str, Arm] = {
+                "lockstat": (probe(LockstatProbe),),
+                "lockstat without clock reads": (probe(LockstatWithoutClock),),
+                "empty programs": (partial(EmptyPrograms, EMPTY_LOCK),),
+            }
+            rounds = args.rounds * args.storm_rounds_factor
+            ab("lock storm", rounds, arms, lambda: lock_storm_rate(lock_storm, args.lock_ops), True)
+            per_event((probe(LockstatProbe),), lambda: lock_storm_rate(lock_storm, args.lock_ops))
+    if "connect" in only:
+        with tempfile.TemporaryDirectory() as tmp:
+            storm = Path(tmp) / "connect_storm"
+            subprocess.run(["gcc", "-O2", "-o", str(storm), str(REPO / "bench/connect_storm.c")], check=True)
+            connect_section(args, storm)
+    if "syscall" in only:
+        print("\n### syscall tax: perf bench syscall basic (usecs/op), all default probes vs none")
+        arms: dict[str, Arm] = {"all probes": (probe(RunqlatProbe), probe(LockstatProbe), probe(ConnectProbe))}
+        ab("syscall", args.rounds, arms, lambda: syscall_usecs(args.syscalls), False)
     return 0
 
 

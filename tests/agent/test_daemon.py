@@ -93,7 +93,7 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
     assert [s.labels["attach"] for s in after["nodetune_probe_info"]] == [
         "raw_tracepoint",
         "raw_tracepoint",
-        "tracepoint+sock_ops",
+        "tracepoint",
     ]
     success = {s.labels["collector"]: s.value for s in after["nodetune_scrape_collector_success"]}
     assert success == UNITS_UP
@@ -120,8 +120,8 @@ def test_health_endpoints_and_sigterm_exit_cleanly(agent_process) -> None:
     assert http_get(agent.url + "/readyz")[0] == 200
     assert http_get(agent.url + "/nope")[0] == 404
     prog_links = [p for p in Path(f"/proc/{agent.proc.pid}/fd").iterdir() if "bpf-prog" in os.readlink(p)]
-    # runqlat: sched_switch; lockstat: contention_begin and _end; connect: the tracepoint and sock_ops
-    assert len(prog_links) == 5
+    # runqlat: sched_switch; lockstat: contention_begin and _end; connect: inet_sock_set_state
+    assert len(prog_links) == 4
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(timeout=15) == 0
     root = os.open(HostPaths().cgroup_v2(), os.O_RDONLY | os.O_DIRECTORY)

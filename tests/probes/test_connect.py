@@ -5,6 +5,7 @@ upstream)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from probes.base import KernelFacts
 from probes.btf import BTFError, Member
 from probes.connect import FAILURES_WORD, HIST, STATE, STATE_SOCKOPS, ConnectProbe
 from probes.histogram import NSLOTS
+from tests.netns import Netns
 from tests.probes.test_runqlat import IdLabeler
 
 
@@ -83,6 +85,16 @@ def row(probe: ConnectProbe, cgroup_id: int) -> list[int]:
     return probe.series(HIST).get((str(cgroup_id),), [0] * (FAILURES_WORD + 1))
 
 
+def in_test_cgroup(probe: ConnectProbe, cg, ns, act: Callable[[Netns, str], str]) -> tuple[str, list[int]]:
+    """``act(ns, cgroup directory)`` under the loaded ``probe`` (closed after): what it printed, and
+    the cgroup's row."""
+    try:
+        out = act(ns, str(cg.path))
+        return out, row(probe, cg.id)
+    finally:
+        probe.close()
+
+
 @pytest.mark.bpf
 @pytest.mark.parametrize("strategy", [STATE, STATE_SOCKOPS])
 def test_exhausted_range_counts_each_failed_connect_of_the_cgroup(
@@ -117,14 +129,12 @@ def test_refused_connects_found_a_port_and_are_no_failures(
     """10 connects to a port nobody listens on: each found a local port, sent its SYN and got a
     RST (ECONNREFUSED). SYN_SENT -> CLOSE with the port already released (inet_num is 0 again):
     10 searches, no failure."""
-    cg = make_cgroup("refused")
-    ns = netns("40000 40009")
-    probe = loaded(header_cache, cgroup_v2_root, strategy)
-    try:
-        _, out = ns.hold(0, "!127.0.0.1:30000", extra=10, cgroup=str(cg.path))
-        counts = row(probe, cg.id)
-    finally:
-        probe.close()
+    out, counts = in_test_cgroup(
+        loaded(header_cache, cgroup_v2_root, strategy),
+        make_cgroup("refused"),
+        netns("40000 40009"),
+        lambda ns, cgroup: ns.hold(0, "!127.0.0.1:30000", extra=10, cgroup=cgroup)[1],
+    )
     assert out == "ok 0 ECONNREFUSED=10", out
     assert counts[FAILURES_WORD] == 0
     assert sum(counts[:NSLOTS]) == 10
@@ -158,14 +168,12 @@ def test_bound_port_with_its_four_tuple_taken_is_a_failure(
 ) -> None:
     """A socket bound before connect() does not search the range, but the same check of its
     4-tuple fails with EADDRNOTAVAIL: counted as a failure (and a search) like an empty range."""
-    cg = make_cgroup("bound")
-    ns = netns("40000 40009")
-    probe = loaded(header_cache, cgroup_v2_root, strategy)
-    try:
-        out = ns.run(BOUND_TWICE, cgroup=str(cg.path))
-        counts = row(probe, cg.id)
-    finally:
-        probe.close()
+    out, counts = in_test_cgroup(
+        loaded(header_cache, cgroup_v2_root, strategy),
+        make_cgroup("bound"),
+        netns("40000 40009"),
+        lambda ns, cgroup: ns.run(BOUND_TWICE, cgroup=cgroup),
+    )
     assert out == "EADDRNOTAVAIL EADDRNOTAVAIL EADDRNOTAVAIL", out
     assert counts[FAILURES_WORD] == 3
     assert sum(counts[:NSLOTS]) == 4

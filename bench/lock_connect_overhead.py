@@ -112,11 +112,7 @@ class EmptyPrograms:
             from bcc import BPF
 
             fn = self.bpf.load_func(b"empty_sockops", BPF.SOCK_OPS)
-            fd = os.open(str(HostPaths().cgroup_v2()), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                self.link = bpfsys.link_create(fn.fd, fd, bpfsys.BPF_CGROUP_SOCK_OPS)
-            finally:
-                os.close(fd)
+            self.link = bpfsys.link_cgroup(fn.fd, str(HostPaths().cgroup_v2()), bpfsys.BPF_CGROUP_SOCK_OPS)
 
     def pause(self) -> None:
         self.hooks = detach_hooks(self.bpf)
@@ -152,12 +148,9 @@ class LockstatWithoutClock(LockstatProbe):
         return "#define bpf_ktime_get_ns() (0ULL)\n" + text, cflags
 
 
-def lock_storm_rate(binary: Path, per_thread: int) -> float:
-    return float(subprocess.run([str(binary), "4", str(per_thread)], capture_output=True, text=True, check=True).stdout)
-
-
-def storm_rate(binary: Path, n: int) -> float:
-    return float(subprocess.run([str(binary), str(n)], capture_output=True, text=True, check=True).stdout)
+def storm_rate(binary: Path, *args: int) -> float:
+    """Operations per second a storm (``bench/*_storm.c``) prints."""
+    return float(subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, check=True).stdout)
 
 
 def syscall_usecs(loops: int) -> float:
@@ -285,8 +278,8 @@ def main() -> int:
                 "empty programs": (partial(EmptyPrograms, EMPTY_LOCK),),
             }
             rounds = args.rounds * args.storm_rounds_factor
-            ab("lock storm", rounds, arms, lambda: lock_storm_rate(lock_storm, args.lock_ops), True)
-            per_event((probe(LockstatProbe),), lambda: lock_storm_rate(lock_storm, args.lock_ops))
+            ab("lock storm", rounds, arms, lambda: storm_rate(lock_storm, 4, args.lock_ops), True)
+            per_event((probe(LockstatProbe),), lambda: storm_rate(lock_storm, 4, args.lock_ops))
     if "connect" in only:
         with tempfile.TemporaryDirectory() as tmp:
             storm = Path(tmp) / "connect_storm"

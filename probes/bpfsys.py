@@ -120,6 +120,16 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _bpf(BPF_LINK_CREATE, attr)
 
 
+def link_cgroup(prog_fd: int, cgroup_dir: str, attach_type: int) -> int:
+    """``link_create`` on the cgroup directory ``cgroup_dir`` (opened for the call only); the link's
+    fd, whose last close detaches the program."""
+    cgroup_fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return link_create(prog_fd, cgroup_fd, attach_type)
+    finally:
+        os.close(cgroup_fd)
+
+
 def attached_count(target_fd: int, attach_type: int) -> int:
     """How many programs are attached to a cgroup hook (``BPF_PROG_QUERY``, effective or not)."""
     # union bpf_attr.query: target_fd, attach_type, query_flags, attach_flags, prog_ids (u64), prog_cnt

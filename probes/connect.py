@@ -116,11 +116,7 @@ class ConnectProbe(Probe):
         from bcc import BPF  # loaded: BCC is importable
 
         fn = self._bpf.load_func(b"connect_sockops", BPF.SOCK_OPS)  # BCC loads a function once
-        cgroup_fd = os.open(str(self.kernel.cgroup2_root), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self._link_fd = bpfsys.link_create(fn.fd, cgroup_fd, bpfsys.BPF_CGROUP_SOCK_OPS)
-        finally:
-            os.close(cgroup_fd)
+        self._link_fd = bpfsys.link_cgroup(fn.fd, str(self.kernel.cgroup2_root), bpfsys.BPF_CGROUP_SOCK_OPS)
         log.info("connect: sock_ops linked to %s", self.kernel.cgroup2_root)
 
     def _unlink(self) -> None:

@@ -3,7 +3,7 @@
 # and changes nothing. Usage: scripts/bootstrap.sh run|test|bench   (as root)
 #   run:   python3-bpfcc, python3-venv, kernel headers if the host has none, the venv + package
 #   test:  run + promtool (Debian `prometheus`) + test extras
-#   bench: run + bpfcc-tools (runqlat-bpfcc) + linux-perf (perf bench)
+#   bench: run + bpfcc-tools (runqlat-bpfcc) + linux-perf (perf bench) + gcc (the C storms)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-run}
@@ -13,7 +13,7 @@ pkgs=(python3-bpfcc python3-venv)
 case "$what" in
   run) ;;
   test) pkgs+=(prometheus linux-perf irqbalance) ;;
-  bench) pkgs+=(bpfcc-tools linux-perf) ;;
+  bench) pkgs+=(bpfcc-tools linux-perf gcc libc6-dev) ;;
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 

@@ -63,16 +63,25 @@ static __always_inline u32 latency_slot(u64 ns)
     return s < NSLOTS - 1 ? s : NSLOTS - 1;
 }
 
-/* Add one duration to a histogram row laid out as NSLOTS counts then the sum in ns. */
-static __always_inline void hist_add(u64 *w, u64 ns)
+/*
+ * Add a duration `n` times to a histogram row laid out as NSLOTS counts then the sum in ns: n > 1
+ * for a sampled observation that stands for n events (lockstat's timing budget).
+ */
+static __always_inline void hist_add_n(u64 *w, u64 ns, u64 n)
 {
     u64 s = latency_slot(ns);
     /* clang proves s < NSLOTS and drops the check; the verifier cannot follow it through the
      * 32-bit arithmetic. Hiding s's range keeps the check next to the access. */
     asm volatile("" : "+r"(s));
     if (s < NSLOTS)
-        w[s]++;
-    w[NSLOTS] += ns;
+        w[s] += n;
+    w[NSLOTS] += ns * n;
+}
+
+/* Add one duration to a histogram row. */
+static __always_inline void hist_add(u64 *w, u64 ns)
+{
+    hist_add_n(w, ns, 1);
 }
 
 #ifdef TASK_BTF

@@ -14,10 +14,12 @@
  *     CPU can contend on another lock meanwhile (qspinlock keeps 4 MCS nodes per CPU for exactly
  *     these contexts, kernel/locking/qspinlock.c): a per-CPU stack of SPIN_DEPTH frames;
  *   - a sleeping lock's waiter (mutex, rwsem, rtmutex, percpu-rwsem, semaphore) can be preempted
- *     and woken on another CPU: a task-local storage slot (bpf_task_storage_get, >= 5.11, always
- *     present where these tracepoints are). A mutex announces its optimistic spin
- *     (LCB_F_MUTEX|LCB_F_SPIN) and then, without an end in between, its sleep (LCB_F_MUTEX)
- *     (kernel/locking/mutex.c __mutex_lock_common): the wait runs from the first begin.
+ *     and woken on another CPU: a slot of its own in a shared array (struct sleeper). A mutex
+ *     announces its optimistic spin (LCB_F_MUTEX|LCB_F_SPIN) and then, without an end in
+ *     between, its sleep (LCB_F_MUTEX); woken first in line, it spins and sleeps again the same
+ *     way (kernel/locking/mutex.c __mutex_lock_common): the wait runs from the first begin. The
+ *     spin can end in schedule() and move the task to another CPU (mutex_optimistic_spin), so
+ *     the mutex's spin is kept in its slot too, not in the per-CPU stack.
  *
  * The caller is the first kernel frame outside the locking code, as perf lock contention reports
  * it: frames are read with bpf_get_stack() at begin (while the task waits anyway, not while it
@@ -25,8 +27,12 @@
  * inside is taken. That range spans .sched.text (mutex, rwsem and semaphore slow paths, schedule)
  * and .spinlock.text (_raw_spin_lock*, queued_spin_lock_slowpath), adjacent in vmlinux
  * (include/asm-generic/vmlinux.lds.h SCHED_TEXT, LOCK_TEXT); user space passes the bounds from
- * /proc/kallsyms. contention_end does only array and task-storage lookups and additions: it runs
- * with the lock held.
+ * /proc/kallsyms. contention_end does only array lookups and additions: it runs with the lock
+ * held.
+ *
+ * Spinning waits are timed within a budget per CPU (see struct budget): below it every wait is
+ * timed, above it 1 in 2^k is, and counts for 2^k. Waits that sleep are always timed, and
+ * contentions are always counted exactly.
  */
 
 #define LCB_F_SPIN (1U << 0)
@@ -36,7 +42,10 @@
 #define LCB_F_PERCPU (1U << 4)
 #define LCB_F_MUTEX (1U << 5)
 
-#define STALE_NS 1000000000ULL /* a spin frame older than this lost its end (never a real wait) */
+/* A spin frame older than this many ticks (1 s at HZ=1000, 10 s at HZ=100) lost its end: no spin
+ * wait lasts that long (the soft-lockup watchdog fires at 20 s). Ticks, because an untimed frame
+ * has no clock reading. */
+#define STALE_TICKS 1000
 #define NO_ROW 0xffffffffU
 
 /* The lock type of a contention, from its tracepoint flags (the mapping: probes/lockstat.py). */
@@ -71,12 +80,12 @@ static __always_inline u32 lock_type(u32 flags)
 
 struct wait {
     u64 lock;  /* lock address; 0 = slot empty */
-    u64 ts;    /* ns at contention_begin */
-    u64 wid;   /* workload of the waiting task */
-    u32 wrow;  /* its workload row, or NO_ROW */
+    u64 ts;    /* ns at contention_begin, if timed */
+    u64 tick;  /* jiffies at contention_begin */
     u32 crow;  /* caller row, or NO_ROW */
     u32 type;    /* LT_* */
-    u32 sampled; /* its stack was walked (see walk_budget) */
+    u32 sampled; /* its stack was walked (see struct budget) */
+    u32 weight;  /* timed: the contentions it stands for (2^shift); 0: not timed */
 };
 
 struct spin_stack {
@@ -102,22 +111,119 @@ BPF_PERCPU_ARRAY(lockstat_spin, struct spin_stack, 1);
 BPF_PERCPU_ARRAY(lockstat_frames, struct frames, 1);
 
 /*
- * Stack walks are the probe's one expensive step (bpf_get_stack ~2.5 us here: the unwinder walks
- * the BPF and tracing frames too). Each CPU walks at most WALKS_PER_WINDOW stacks per 10 ms
- * window. A contention beyond that is still counted exactly by type and workload; for callers its
- * count and wait wait in this CPU's pool of its lock type until the next sampled contention of
- * that type ends on this CPU, which takes them to its caller. Totals per type are conserved, the
- * split between callers follows the samples, and below the budget every caller count is exact.
+ * The probe's two expensive steps are budgeted per CPU and per 10 ms window.
+ *
+ * Stack walks (bpf_get_stack ~2.5 us here: the unwinder walks the BPF and tracing frames too):
+ * at most WALKS_PER_WINDOW. A contention beyond that is still counted exactly by type and
+ * workload; for callers its count and wait wait in this CPU's pool of its lock type until the
+ * next sampled contention of that type ends on this CPU, which takes them to its caller. Totals
+ * per type are conserved, the split between callers follows the samples, and below the budget
+ * every caller count is exact.
+ *
+ * Clock reads (bpf_ktime_get_ns ~48 ns inside a BPF program here: a retpolined clocksource call
+ * and an ordered rdtsc), two per timed wait, the second with the lock held, so that every other
+ * waiter waits for it too: at 1 to 3 million contentions per second on 2 CPUs they cost a lock
+ * storm 17 to 20 % of its throughput (README, Overhead). Each CPU times 1 in 2^shift spinning
+ * waits: shift is the smallest that would have kept the previous window's to TIMED_PER_WINDOW
+ * timed ones, and it rises by one each time the window outgrows it (each rise times about half
+ * the budget more, so a burst after a quiet window times a few budgets, a steady rate about
+ * one). A timed wait counts 2^shift times in the histogram and the wait totals: below the budget
+ * (shift 0) every wait is timed and every number exact; above it the counts stay exact and the
+ * waits are estimates from a random sample. Waits that sleep are timed regardless (a context
+ * switch dwarfs the clock reads). TIMED_PER_WINDOW 0: no budget.
+ *
+ * The window is followed without a clock read per event: bpf_jiffies64() (a plain load, ~2.5 ns)
+ * says when a tick passed, and only then is the clock read. (bpf_ktime_get_coarse_ns() would do
+ * it in one step, but tracing programs may not call it: it is not NMI-safe; the kernel's
+ * selftests check the refusal, verifier_helper_restricted.c.)
  */
 #define WINDOW_NS 10000000ULL
-struct walk_budget {
-    u64 window; /* ts / WINDOW_NS of the current window */
+#define MAX_SHIFT 24 /* 1 in 16 million: beyond any contention rate */
+struct budget {
+    u64 tick;   /* jiffies when the window was last checked */
+    u64 window; /* ns / WINDOW_NS of the current window */
     u64 walks;  /* stacks walked in it */
+    u64 seen;   /* contentions begun in it */
+    u64 shift;  /* it times 1 in 2^shift contentions */
+    u64 rng;    /* xorshift64 state (next_random) */
+    u64 untimed; /* contentions not timed, over the probe's life (read by user space) */
     u64 count[NTYPES]; /* per lock type: unsampled contentions not yet given to a caller */
     u64 ns[NTYPES];    /* and their wait */
 };
-BPF_PERCPU_ARRAY(lockstat_budget, struct walk_budget, 1);
-BPF_TASK_STORAGE(lockstat_task, struct wait);
+BPF_PERCPU_ARRAY(lockstat_budget, struct budget, 1);
+
+/*
+ * Sleeping waiters' slots: one array shared by all CPUs, SLEEPER_SLOTS (a power of two) of them.
+ * A task's slot is found by hashing its address and probing SLEEPER_PROBES consecutive slots; an
+ * empty one (owner 0) is claimed by compare-and-swap, and given back at contention_end. Only
+ * tasks waiting at the same instant compete for slots; one that finds all its probes taken is
+ * not timed nor counted (lost: sleeper_slots_full).
+ *
+ * Not task-local storage: bpf_task_storage_get() is a helper call that takes a per-CPU busy
+ * counter and searches the task's storage list, twice per contention; on a lock storm at 3
+ * million contentions per second it cost 4 % of the throughput (README, Overhead), where an
+ * array lookup is a few inlined instructions.
+ *
+ * A slot whose end never came (the kernel's recursion guard skipped it) stays with its owner,
+ * who takes it again at its next contention; if the owner is gone, a waiter whose probes are
+ * all taken reclaims it once it is STALE_SLEEPER_TICKS old (past the hung-task timeout, 120 s,
+ * at any HZ; a genuine wait that long loses its end and is counted in end_missed).
+ */
+#define SLEEPER_PROBES 4
+#define STALE_SLEEPER_TICKS 120000ULL
+struct sleeper {
+    u64 owner; /* the waiting task (bpf_get_current_task()); 0 = free */
+    struct wait w;
+    u64 pad[2]; /* 64 B: a slot per cache line, written by one CPU at a time */
+};
+BPF_ARRAY(lockstat_sleepers, struct sleeper, SLEEPER_SLOTS);
+
+static __always_inline u32 sleeper_home(u64 owner)
+{
+    /* Fibonacci hashing: the product's top bits depend on every bit of the task's address. */
+    return (u32)((owner * 0x9E3779B97F4A7C15ULL) >> 40);
+}
+
+/* This task's slot, or NULL. */
+static __always_inline struct sleeper *my_sleeper(u64 me)
+{
+    u32 home = sleeper_home(me);
+    for (u32 k = 0; k < SLEEPER_PROBES; k++) {
+        u32 i = (home + k) & (SLEEPER_SLOTS - 1);
+        struct sleeper *s = lockstat_sleepers.lookup(&i);
+        if (s && s->owner == me)
+            return s;
+    }
+    return 0;
+}
+
+/* Claim a free slot for this task (one stale past STALE_SLEEPER_TICKS if none is free), or NULL. */
+static __always_inline struct sleeper *claim_sleeper(u64 me, u64 tick)
+{
+    u32 home = sleeper_home(me);
+    for (u32 k = 0; k < SLEEPER_PROBES; k++) {
+        u32 i = (home + k) & (SLEEPER_SLOTS - 1);
+        struct sleeper *s = lockstat_sleepers.lookup(&i);
+        if (s && !s->owner && __sync_val_compare_and_swap(&s->owner, 0, me) == 0)
+            return s;
+    }
+    for (u32 k = 0; k < SLEEPER_PROBES; k++) {
+        u32 i = (home + k) & (SLEEPER_SLOTS - 1);
+        struct sleeper *s = lockstat_sleepers.lookup(&i);
+        if (!s)
+            continue;
+        u64 owner = s->owner;
+        /* w.lock is written last by start_wait and cleared before the slot is given back: a
+         * slot just claimed but not yet filled (lock 0) is never taken for stale. */
+        if (owner && s->w.lock && tick - s->w.tick >= STALE_SLEEPER_TICKS &&
+            __sync_val_compare_and_swap(&s->owner, owner, me) == owner) {
+            s->w.lock = 0; /* now being filled: not stale for another waiter */
+            count_stat(STAT_END_MISSED);
+            return s;
+        }
+    }
+    return 0;
+}
 BPF_PERCPU_ARRAY(lock_contention_wait_seconds, struct hist_row, NTYPES);
 BPF_PERCPU_ARRAY(lock_caller_unknown, struct pair, NTYPES); /* no caller found, or no caller row */
 
@@ -154,41 +260,131 @@ static __always_inline u32 caller_row(void *ctx, u32 type)
     return NO_ROW;
 }
 
-static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 ts, u32 type)
+/* A new window: its shift from the last one's contentions (rises only by doubling: no division). */
+static __always_inline void next_window(struct budget *b, u64 window)
 {
-    w->ts = ts;
-    w->type = type;
-    w->wid = workload_id();
-    int row = workload_lock_wait_seconds_row_cached(w->wid);
-    w->wrow = row < 0 ? NO_ROW : (u32)row;
+    u32 shift = 0;
+#if TIMED_PER_WINDOW
+    for (int i = 0; i < MAX_SHIFT; i++) {
+        if ((b->seen >> shift) <= TIMED_PER_WINDOW)
+            break;
+        shift++;
+    }
+#endif
+    b->window = window;
+    b->walks = 0;
+    b->seen = 0;
+    b->shift = shift;
+}
+
+/* A uniform 64-bit draw from this CPU's xorshift64 state (Marsaglia 2003), seeded once from the
+ * kernel's generator: inline, where bpf_get_prandom_u32() is a helper call on every contention. */
+static __always_inline u64 next_random(struct budget *b)
+{
+    u64 x = b->rng;
+    if (!x)
+        x = bpf_get_prandom_u32() | 1ULL << 32;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    b->rng = x;
+    return x;
+}
+
+/*
+ * Fill a slot at contention_begin: its lock type, whether it is timed (and from when) and the
+ * caller (if walked). The clock is read last: what a timed wait costs the probe here delays the
+ * waiter (and would shorten its wait), so it is kept to the clock read; the workload is looked
+ * up at the end, after the clock.
+ */
+static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 tick, u32 type,
+                                       int budgeted)
+{
+    u32 weight = 1;
+    u64 ts = 0;
+    u32 zero = 0;
+    struct budget *b = lockstat_budget.lookup(&zero);
+    if (!b)
+        return; /* never: a one-entry array */
+    if (b->tick != tick) { /* a tick passed: maybe a new window */
+        b->tick = tick;
+        ts = bpf_ktime_get_ns();
+        u64 window = ts / WINDOW_NS;
+        if (b->window != window)
+            next_window(b, window);
+    }
+    u64 shift = 0;
+    if (budgeted) {
+        u64 n = b->seen++;
+        shift = b->shift;
+#if TIMED_PER_WINDOW
+        if (n >= (TIMED_PER_WINDOW << shift) && shift < MAX_SHIFT)
+            b->shift = ++shift; /* this window outgrew its shift */
+#endif
+        if (shift > MAX_SHIFT)
+            shift = MAX_SHIFT;
+        /* Chosen at random, not every 2^shift-th: contentions come in patterns (a mutex's
+         * wait_lock spin right after its begin), and a fixed stride would sample one of a pair
+         * only, the other never. Each is timed with probability 2^-shift. */
+        if (shift)
+            weight = (next_random(b) >> 32) & ((1U << shift) - 1) ? 0 : 1U << shift;
+    }
+    /*
+     * The clock is read as soon as the wait is known to be timed, before anything else: what the
+     * probe spends on a timed wait and not on an untimed one delays that waiter, and a delayed
+     * waiter more often finds the lock free. Read after the probe's work, sub-microsecond waits
+     * came out 40 % shorter when timed than when not (a bias on every estimate).
+     */
+    if (weight && !ts)
+        ts = bpf_ktime_get_ns();
     w->crow = NO_ROW;
     w->sampled = 0;
-    u32 zero = 0;
-    struct walk_budget *b = lockstat_budget.lookup(&zero);
-    if (b) {
-        u64 window = ts / WINDOW_NS;
-        if (b->window != window) {
-            b->window = window;
-            b->walks = 0;
-        }
-        if (b->walks < WALKS_PER_WINDOW) {
-            b->walks++;
-            w->sampled = 1;
-            w->crow = caller_row(ctx, type);
-        }
+    /* Stack walks (2.5 us) go to untimed waits while there are any, so as not to delay timed ones. */
+    if (b->walks < WALKS_PER_WINDOW && (!weight || !shift)) {
+        b->walks++;
+        w->sampled = 1;
+        w->crow = caller_row(ctx, type);
+        if (weight)
+            ts = bpf_ktime_get_ns(); /* the wait is the lock's, not the walk's */
     }
+    w->type = type;
+    w->tick = tick;
+    w->weight = weight;
+    w->ts = ts;
     w->lock = lock; /* last: the slot is complete */
 }
 
-static __always_inline void finish_wait(struct wait *w, u64 now)
+/*
+ * A mutex waiter that failed its optimistic spin goes to sleep: from here its wait is timed
+ * whatever the budget said at its begin (weight 1: every sleeper is timed). Untimed until now, it
+ * is timed from here, without its spin (a few us at most, where its sleep is a context switch
+ * or more). A sleep costs two context switches: the clock reads add a few per cent to that.
+ */
+static __always_inline void goes_to_sleep(struct wait *w)
 {
-    u64 ns = now > w->ts ? now - w->ts : 0;
+    if (!w->weight)
+        w->ts = bpf_ktime_get_ns();
+    w->weight = 1;
+}
+
+/* Account a wait at contention_end: the clock is read only for a timed one. */
+static __always_inline void finish_wait(struct wait *w)
+{
+    u64 ns = 0;
+    u64 weight = w->weight;
     u32 type = w->type;
-    struct hist_row *h = lock_contention_wait_seconds.lookup(&type);
-    if (h)
-        hist_add(h->w, ns);
+    if (weight) {
+        u64 now = bpf_ktime_get_ns();
+        ns = now > w->ts ? now - w->ts : 0;
+        struct hist_row *h = lock_contention_wait_seconds.lookup(&type);
+        if (h)
+            hist_add_n(h->w, ns, weight);
+        ns *= weight; /* from here on: the wait this contention stands for */
+    }
     u32 zero = 0;
-    struct walk_budget *b = lockstat_budget.lookup(&zero);
+    struct budget *b = lockstat_budget.lookup(&zero);
+    if (b && !weight)
+        b->untimed++;
     u32 t = type;
     asm volatile("" : "+r"(t)); /* keep the bound check next to the access (see hist_add) */
     if (b && t < NTYPES) {
@@ -213,8 +409,10 @@ static __always_inline void finish_wait(struct wait *w, u64 now)
             }
         }
     }
-    if (w->wrow != NO_ROW && workload_lock_wait_seconds_owned(w->wrow, w->wid)) {
-        u64 *r = workload_lock_wait_seconds_at(w->wrow);
+    if (ns) { /* the waiting task is the current one: charge its workload */
+        u64 wid = workload_id();
+        int row = workload_lock_wait_seconds_row_cached(wid);
+        u64 *r = row < 0 ? 0 : workload_lock_wait_seconds_at((u32)row);
         if (r && type < NTYPES)
             r[type] += ns;
     }
@@ -224,7 +422,7 @@ static __always_inline void finish_wait(struct wait *w, u64 now)
 RAW_TRACEPOINT_PROBE(contention_begin)
 {
     /* TP_PROTO(void *lock, unsigned int flags) */
-    u64 ts = bpf_ktime_get_ns();
+    u64 tick = bpf_jiffies64();
     u64 lock = ctx->args[0];
     u32 flags = (u32)ctx->args[1];
     u32 type = lock_type(flags);
@@ -237,10 +435,10 @@ RAW_TRACEPOINT_PROBE(contention_begin)
         if (d > SPIN_DEPTH)
             d = 0;
         /* Frames are pushed in time order: a stale top (its end skipped by the kernel's recursion
-         * guard for BPF programs) means every frame is stale. No spin wait lasts STALE_NS. */
+         * guard for BPF programs) means every frame is stale. */
         u32 top = d - 1;
         asm volatile("" : "+r"(top));
-        if (d && top < SPIN_DEPTH && ts - s->f[top].ts >= STALE_NS) {
+        if (d && top < SPIN_DEPTH && tick - s->f[top].tick >= STALE_TICKS) {
             count_stat(STAT_END_MISSED);
             d = 0;
         }
@@ -252,27 +450,35 @@ RAW_TRACEPOINT_PROBE(contention_begin)
         s->depth = d + 1;
         asm volatile("" : "+r"(d)); /* keep the bound check next to the access (see hist_add) */
         if (d < SPIN_DEPTH)
-            start_wait(ctx, &s->f[d], lock, ts, type);
+            start_wait(ctx, &s->f[d], lock, tick, type, 1);
         return 0;
     }
-    struct wait *w = lockstat_task.task_storage_get((void *)bpf_get_current_task_btf(), 0,
-                                                    BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!w) {
-        count_stat(STAT_NO_TASK_SLOT);
-        return 0;
+    u64 me = bpf_get_current_task();
+    struct sleeper *sl = my_sleeper(me);
+    if (sl) {
+        if (sl->w.lock == lock) { /* the same wait going on */
+            if (!(flags & LCB_F_SPIN))
+                goes_to_sleep(&sl->w); /* a mutex's sleep after its optimistic spin */
+            return 0;
+        }
+        count_stat(STAT_END_MISSED); /* the end of the slot's last wait never came */
+    } else {
+        sl = claim_sleeper(me, tick);
+        if (!sl) {
+            count_stat(STAT_SLEEPER_SLOTS_FULL);
+            return 0;
+        }
     }
-    if (w->lock == lock)
-        return 0; /* the same wait going on: a mutex's sleep after its optimistic spin */
-    if (w->lock)
-        count_stat(STAT_END_MISSED);
-    start_wait(ctx, w, lock, ts, type);
+    /* Budgeted: a mutex's optimistic spin; an rtmutex (PREEMPT_RT's spinlock_t, as frequent as
+     * spinlocks elsewhere). Always timed: waits that sleep from their begin (rwsem, semaphore,
+     * percpu-rwsem), which cost a context switch each. */
+    start_wait(ctx, &sl->w, lock, tick, type, flags & (LCB_F_SPIN | LCB_F_RT));
     return 0;
 }
 
 RAW_TRACEPOINT_PROBE(contention_end)
 {
     /* TP_PROTO(void *lock, int ret): ret != 0 for an interrupted or timed-out wait, still a wait. */
-    u64 now = bpf_ktime_get_ns();
     u64 lock = ctx->args[0];
     u32 zero = 0;
     struct spin_stack *s = lockstat_spin.lookup(&zero);
@@ -293,13 +499,16 @@ RAW_TRACEPOINT_PROBE(contention_end)
                 s->depth = d - i;
                 if (i > 1)
                     count_stat(STAT_END_MISSED);
-                finish_wait(f, now);
+                finish_wait(f);
                 return 0;
             }
         }
     }
-    struct wait *w = lockstat_task.task_storage_get((void *)bpf_get_current_task_btf(), 0, 0);
-    if (w && w->lock == lock)
-        finish_wait(w, now);
+    u64 me = bpf_get_current_task();
+    struct sleeper *sl = my_sleeper(me);
+    if (sl && sl->w.lock == lock) {
+        finish_wait(&sl->w);
+        sl->owner = 0; /* after the wait is accounted: the slot is free */
+    }
     return 0;
 }

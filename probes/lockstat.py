@@ -2,7 +2,7 @@
 
 Kernel interface: the ``lock:contention_begin`` / ``lock:contention_end`` tracepoints (kernel
 >= 5.19), attached as raw tracepoints (``lockstat.bpf.c``: per-CPU frames for spinning waiters,
-task-local storage for sleeping ones, callers from ``bpf_get_stack`` at begin), plus
+a shared array of per-task slots for sleeping ones, callers from ``bpf_get_stack`` at begin), plus
 ``/proc/kallsyms`` for the locking code's bounds and the callers' names (read once, cached).
 
 Exported:
@@ -11,7 +11,10 @@ Exported:
 * ``nodetune_lock_contentions_total{lock_type,caller}`` and
   ``nodetune_lock_contention_wait_seconds_total{lock_type,caller}``: the top N (type, caller) pairs
   by wait over the agent's lifetime, the rest in ``caller="other"`` (``probes/topn.py``);
-* ``nodetune_workload_lock_wait_seconds_total{<workload labels>,lock_type}``.
+* ``nodetune_workload_lock_wait_seconds_total{<workload labels>,lock_type}``;
+* ``nodetune_lock_contentions_untimed_total``: contentions over the timing budget
+  (``--lockstat-timed-waits`` per second per CPU), counted exactly but not timed; the timed
+  ones stand for them in the waits (``lockstat.bpf.c``, struct budget).
 
 ``lock_type`` from the tracepoint's flags (include/trace/events/lock.h LCB_F_*; perf's names in
 brackets): SPIN ``spinlock``; SPIN|READ ``rwlock_read`` (rwlock:R); SPIN|WRITE ``rwlock_write``;
@@ -77,13 +80,29 @@ class LockstatProbe(Probe):
         ),
         Setting("max_cgroups", 1024, "in-kernel per-workload rows (80 B x CPUs each)", maximum=65536),
         Setting(
+            "sleeper_slots",
+            16384,
+            "slots for tasks waiting on sleeping locks at the same instant (64 B each, not per CPU)",
+            minimum=64,
+            maximum=1 << 22,
+            power_of_two=True,
+        ),
+        Setting(
             "stack_walks",
             500,
             "caller stack walks per second per CPU (~2.5 us each); beyond it callers are sampled",
             maximum=1_000_000,
         ),
+        Setting(
+            "timed_waits",
+            20_000,
+            "waits timed per second per CPU (two clock reads, ~100 ns, each); beyond it 1 in 2^k is"
+            " timed and counts for 2^k; 0: time every wait",
+            minimum=0,
+            maximum=100_000_000,
+        ),
     )
-    stat_reasons = ("spin_nesting", "no_task_slot")
+    stat_reasons = ("spin_nesting", "sleeper_slots_full")
     info_stats = ("end_missed",)  # a frame dropped because its end never came (recursion guard)
 
     def __init__(self, *args: object, symbols: KernelSymbols | None = None, **kwargs: object) -> None:
@@ -111,8 +130,6 @@ class LockstatProbe(Probe):
         btf = self.kernel.btf
         if btf is None or not btf.has_function("__traceiter_contention_begin"):
             return "no lock:contention_begin tracepoint (kernel < 5.19, or no BTF to tell)"
-        if not self.kernel.task_btf:
-            return "no bpf_get_current_task_btf() for task-local storage (kernel < 5.11)"
         text = self._lock_text()
         return text if isinstance(text, str) else None
 
@@ -124,8 +141,10 @@ class LockstatProbe(Probe):
             f"-DNTYPES={len(LOCK_TYPES)}",
             *(f"-DLT_{t.upper()}={i}" for i, t in enumerate(LOCK_TYPES)),
             f"-DSPIN_DEPTH={SPIN_DEPTH}",
+            f"-DSLEEPER_SLOTS={self.config['sleeper_slots']}",
             f"-DMAX_FRAMES={MAX_FRAMES}",
             f"-DWALKS_PER_WINDOW={max(1, self.config['stack_walks'] // 100)}",  # 10 ms windows
+            f"-DTIMED_PER_WINDOW={(self.config['timed_waits'] + 99) // 100}ULL",
             f"-DLOCK_TEXT_START={text[0]:#x}ULL",
             f"-DLOCK_TEXT_END={text[1]:#x}ULL",
         ]
@@ -156,6 +175,11 @@ class LockstatProbe(Probe):
         fd = self.table(name).get_fd()
         values = bpfsys.lookup_batch(fd, 0, len(LOCK_TYPES), 8 * words, percpu=True)
         return sum_over_cpus(values, list(range(len(LOCK_TYPES))))
+
+    def untimed(self) -> int:
+        """Contentions counted but not timed (over the timing budget), summed over CPUs."""
+        table = self.table("lockstat_budget")
+        return sum(cpu.untimed for cpu in table[table.Key(0)])
 
     def histograms(self) -> dict[str, tuple[list[int], int]]:
         """Lock type -> (slot counts, sum of waits in ns)."""
@@ -213,4 +237,12 @@ class LockstatProbe(Probe):
             for lock_type, ns in zip(LOCK_TYPES, words, strict=True):
                 if ns:
                     per_workload.add((*labels, lock_type), ns / 1e9)
-        return [hist, count, wait, per_workload]
+        untimed = CompactScalar(
+            "nodetune_lock_contentions_untimed_total",
+            "Contentions counted but not timed: over --lockstat-timed-waits per second per CPU, 1 in "
+            "2^k waits is timed and stands for 2^k in the histogram and the wait totals.",
+            "counter",
+            (),
+        )
+        untimed.add((), self.untimed())
+        return [hist, count, wait, per_workload, untimed]

@@ -96,7 +96,7 @@ class LockstatProbe(Probe):
         Setting(
             "timed_waits",
             20_000,
-            "waits timed per second per CPU (two clock reads, ~100 ns, each); beyond it 1 in 2^k is"
+            "waits timed per second per CPU (two clock reads each, ~100 ns); beyond it 1 in 2^k is"
             " timed and counts for 2^k; 0: time every wait",
             minimum=0,
             maximum=100_000_000,

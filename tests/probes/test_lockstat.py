@@ -231,9 +231,12 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
     """Two probes on the same pipe workload (about 500,000 contentions per second on 2 CPUs): one
     times every wait, one only 10,000 per second per CPU. The second still counts every
     contention (its counts equal the first's), reports the rest as untimed, and its weighted
-    histogram and wait total estimate the first's: the histogram's count within 10 %, the wait
-    within a factor of 2 either way (a 2 s window of heavy-tailed waits: runs here gave 0.81 to
-    1.34; an unweighted sample would give 1/16 or less)."""
+    histogram estimates the first's: its count within 10 % (an unweighted sample would give 1/16
+    or less), its first bucket (<= 1 us, 95 % of the waits here) within 5 %.
+
+    Not asserted: the wait total. Over 2 s it rests on about 20 waits of 4 to 8 ms (spins across
+    a preempted vCPU) that hold a fifth of the wait, sampled at 1 in 32 or so: 13 runs here gave
+    0.73 to 2.95 times the exact total, median 0.87 (README, Timing budget)."""
     exact = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=0)
     sampled = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=10_000)
     exact.load()
@@ -251,8 +254,9 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
     counts = [type_counts(window(p, b[0], a[0])) for p, b, a in zip(probes, before, after, strict=True)]
     mutex = [sum(a[1]["mutex"][0]) - sum(b[1]["mutex"][0]) for b, a in zip(before, after, strict=True)]
     wait = [(a[1]["mutex"][1] - b[1]["mutex"][1]) / 1e9 for b, a in zip(before, after, strict=True)]
+    first = [a[1]["mutex"][0][0] - b[1]["mutex"][0][0] for b, a in zip(before, after, strict=True)]
     untimed = [a[2] - b[2] for b, a in zip(before, after, strict=True)]
-    print(f"counts {counts}; mutex histogram count {mutex}, wait {wait} s; untimed {untimed}")
+    print(f"counts {counts}; mutex histogram count {mutex}, first bucket {first}, wait {wait} s; untimed {untimed}")
     assert counts[0]["mutex"] > 100_000, "the pipe workload made too little contention to sample"
     for lock_type, n in counts[0].items():
         assert abs(counts[1].get(lock_type, 0) - n) <= 0.01 * n + 2, lock_type  # both count each one
@@ -260,7 +264,8 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
     assert untimed[1] > 0.5 * sum(counts[1].values())
     assert abs(mutex[0] - counts[0]["mutex"]) <= 0.01 * mutex[0]  # every wait timed: all counted
     assert abs(mutex[1] - mutex[0]) <= 0.1 * mutex[0]
-    assert 0.5 * wait[0] <= wait[1] <= 2 * wait[0]
+    assert first[0] > 0.5 * mutex[0]
+    assert abs(first[1] - first[0]) <= 0.05 * first[0]
 
 
 @pytest.mark.bpf

@@ -152,27 +152,80 @@ class KernelFacts:
         ]
 
 
-Hooks = tuple[list[bytes], list[bytes]]  # raw tracepoints, tracepoints ("category:event")
+# BCC's name prefixes of auto-attached functions (BPF._trace_autoload), by hook kind.
+_AUTO_PREFIX = {
+    "raw_tracepoint": b"raw_tracepoint__",
+    "tracepoint": b"tracepoint__",
+    "kprobe": b"kprobe__",
+    "kretprobe": b"kretprobe__",
+    "kfunc": b"kfunc__",
+    "kretfunc": b"kretfunc__",
+}
+Hooks = list[tuple[str, bytes]]  # (kind, BCC function name) of each auto-attached function
+
+
+def _detach_kprobe(bpf: Any, ev_name: bytes, fn_name: bytes) -> None:
+    """Detach one kprobe BCC attached through the kprobe PMU (perf_event_open): closing its perf
+    event fd is the whole detach. BCC's own detach_kprobe*() then also removes a tracefs event
+    by writing kprobe_events; without tracefs mounted that write fails and BCC raises, although
+    nothing was left to remove (BCC 0.26, src/cc/libbpf.c bpf_detach_probe)."""
+    from bcc import lib  # loaded: BCC is importable
+
+    fns = bpf.kprobe_fds[ev_name]
+    lib.bpf_close_perf_event_fd(fns[fn_name])
+    bpf._del_kprobe_fd(ev_name, fn_name)  # BCC's count of open probes
+    if not fns:
+        del bpf.kprobe_fds[ev_name]
+
+
+def detach_kprobes(bpf: Any) -> None:
+    """Detach every kprobe and kretprobe of ``bpf`` (see ``_detach_kprobe``)."""
+    for ev_name, fns in list(bpf.kprobe_fds.items()):
+        for fn_name in list(fns):
+            _detach_kprobe(bpf, ev_name, fn_name)
 
 
 def detach_hooks(bpf: Any) -> Hooks:
-    """Detach the tracepoints and raw tracepoints BCC attached to ``bpf`` (its auto-attached
-    RAW_TRACEPOINT_PROBE and TRACEPOINT_PROBE functions); return them for ``attach_hooks``."""
-    hooks = (list(bpf.raw_tracepoint_fds), list(bpf.tracepoint_fds))
-    for tp in hooks[0]:
+    """Detach every hook BCC auto-attached for ``bpf`` (its RAW_TRACEPOINT_PROBE, TRACEPOINT_PROBE,
+    kprobe__/kretprobe__ and KFUNC_PROBE/KRETFUNC_PROBE functions); return them for
+    ``attach_hooks``. Programs and maps stay loaded."""
+    hooks: Hooks = []
+    for tp in list(bpf.raw_tracepoint_fds):
         bpf.detach_raw_tracepoint(tp=tp)
-    for tp in hooks[1]:
+        hooks.append(("raw_tracepoint", _AUTO_PREFIX["raw_tracepoint"] + tp))
+    for tp in list(bpf.tracepoint_fds):
         bpf.detach_tracepoint(tp=tp)
+        hooks.append(("tracepoint", _AUTO_PREFIX["tracepoint"] + tp.replace(b":", b"__")))
+    for ev_name, fns in list(bpf.kprobe_fds.items()):
+        for fn_name in list(fns):
+            _detach_kprobe(bpf, ev_name, fn_name)
+            hooks.append(("kretprobe" if ev_name.startswith(b"r_") else "kprobe", fn_name))
+    for fn_name in list(bpf.kfunc_entry_fds):
+        bpf.detach_kfunc(fn_name=fn_name)
+        hooks.append(("kfunc", fn_name))
+    for fn_name in list(bpf.kfunc_exit_fds):
+        bpf.detach_kretfunc(fn_name=fn_name)
+        hooks.append(("kretfunc", fn_name))
     return hooks
 
 
 def attach_hooks(bpf: Any, hooks: Hooks) -> None:
-    """Attach again what ``detach_hooks`` detached, by BCC's names for auto-attached functions
-    (``raw_tracepoint__<tp>``, ``tracepoint__<category>__<event>``)."""
-    for tp in hooks[0]:
-        bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
-    for tp in hooks[1]:
-        bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
+    """Attach again what ``detach_hooks`` detached; the hook point is the function name without
+    BCC's prefix (``kprobe__tcp_connect`` -> tcp_connect), as BCC's auto-attach reads it."""
+    for kind, fn_name in hooks:
+        point = fn_name[len(_AUTO_PREFIX[kind]) :]
+        if kind == "raw_tracepoint":
+            bpf.attach_raw_tracepoint(tp=point, fn_name=fn_name)
+        elif kind == "tracepoint":
+            bpf.attach_tracepoint(tp=point.replace(b"__", b":"), fn_name=fn_name)
+        elif kind == "kprobe":
+            bpf.attach_kprobe(event=point, fn_name=fn_name)
+        elif kind == "kretprobe":
+            bpf.attach_kretprobe(event=point, fn_name=fn_name)
+        elif kind == "kfunc":
+            bpf.attach_kfunc(fn_name=fn_name)
+        else:
+            bpf.attach_kretfunc(fn_name=fn_name)
 
 
 class Probe(abc.ABC):
@@ -290,13 +343,22 @@ class Probe(abc.ABC):
                     log.info("probe %s attached via %s", self.name, strategy)
                     return
             except Exception as e:  # BCC raises bare Exception for compile/load/attach errors
-                reason = f"{type(e).__name__}: {e}".strip()
+                reason = self.failure_reason(strategy, e)
                 self._close_bpf()
                 self._after_close(strategy)
             self.skipped[strategy] = reason
             log.debug("probe %s: strategy %s not used: %s", self.name, strategy, reason)
         tried = "; ".join(f"{s}: {r}" for s, r in self.skipped.items()) or "no strategy selected"
         raise ProbeUnavailable(tried)
+
+    def failure_reason(self, strategy: str, error: Exception) -> str:
+        """What to record when trying ``strategy`` raised ``error``. BCC reports EPERM from
+        BPF_PROG_LOAD as "Need super-user privileges to run" even for root, so that case is named
+        for what it is here: the kernel refused this kind of program."""
+        text = f"{type(error).__name__}: {error}".strip()
+        if "Need super-user privileges" in text and os.geteuid() == 0:
+            return f"the kernel refused the programs with EPERM although we are root ({text})"
+        return text
 
     def _attach_rows(self) -> None:
         sets = self.row_sets()
@@ -366,6 +428,7 @@ class Probe(abc.ABC):
         self.keyed_rows = {}
         if self._bpf is not None:
             try:
+                detach_kprobes(self._bpf)  # before BCC's cleanup(), which would write kprobe_events
                 self._bpf.cleanup()
             finally:
                 self._bpf = None

@@ -177,6 +177,20 @@ class BTF:
             return False
         return True
 
+    def function_params(self, name: str) -> tuple[str, ...]:
+        """Parameter names of kernel function ``name``, in order (its FUNC record's FUNC_PROTO).
+        fentry/fexit programs read argument i at ctx[i] and, in fexit, the return value after the
+        last argument: the count decides where. Raises BTFError if the function is absent."""
+        return _guarded(self._function_params, name)
+
+    def _function_params(self, name: str) -> tuple[str, ...]:
+        proto = self._record(self._find(name, {KIND_FUNC}))[4]
+        _, kind, vlen, _, _ = self._record(proto)
+        if kind != KIND_FUNC_PROTO:
+            raise BTFError(f"function {name!r} has no prototype (kind {kind})")
+        pos = self._pos[proto] + 12
+        return tuple(self._string(struct.unpack_from("<I", self._data, pos + 8 * i)[0]) for i in range(vlen))
+
     def enum_value(self, enum_name: str, name: str) -> int:
         """Value of enumerator ``name`` of ``enum enum_name`` (e.g. cgroup_subsys_id.cpu_cgrp_id)."""
         return _guarded(self._enum_value, enum_name, name)

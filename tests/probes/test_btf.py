@@ -61,6 +61,8 @@ def sample_blob() -> bytes:
     )
     proto = b.add("", 13, 1, u64, struct.pack("<II", 0, u32))
     b.add("bpf_get_current_task_btf", 12, 0, proto)  # FUNC -> FUNC_PROTO
+    named = b.add("", 13, 2, u32, struct.pack("<IIII", b.s("death_row"), u64, b.s("sk"), u64))
+    b.add("__inet_hash_connect", 12, 0, named)
     b.add("not_a_function", 8, 0, u32)  # a typedef of the same kind of name
     return b.blob()
 
@@ -89,6 +91,15 @@ def test_has_function_finds_func_records_only() -> None:
     assert not btf.has_function("not_a_function") and not btf.has_function("missing")
 
 
+def test_function_params_in_order_from_the_prototype() -> None:
+    btf = BTF(sample_blob())
+    assert btf.function_params("__inet_hash_connect") == ("death_row", "sk")
+    assert btf.function_params("bpf_get_current_task_btf") == ("",)  # an unnamed parameter
+    for name in ("not_a_function", "missing"):  # a typedef is no function
+        with pytest.raises(BTFError, match="not found"):
+            btf.function_params(name)
+
+
 def test_errors() -> None:
     with pytest.raises(BTFError, match="magic"):
         BTF(b"\0" * 32)
@@ -111,6 +122,7 @@ def test_running_kernel() -> None:
     assert btf.member("task_struct", "tgid").offset == pid.offset + 4  # declared right after pid
     assert btf.member("task_struct", "sched_info").size >= 16
     assert btf.has_function("schedule")
+    assert btf.function_params("tcp_v4_connect") == ("sk", "uaddr", "addr_len")  # unchanged since 2.6
 
 
 @pytest.mark.parametrize("cut", [0, 10, 24, 1000, -5])

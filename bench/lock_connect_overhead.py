@@ -12,9 +12,11 @@
    (``--lockstat-timed-waits 0``), what the timing budget saves.
 2. connect on a loopback connect()/close() storm (``bench/connect_storm.c``, compiled here with
    gcc: a C loop, so the kernel path dominates, not an interpreter): connects per second off vs
-   each strategy vs empty programs on each strategy's hooks, median ratio
+   each strategy this kernel takes vs empty programs on each strategy's hooks, median ratio
    (``--storm-rounds-factor`` times as many rounds: its runs are short); bpf_stats ns per event
-   of the tracepoint and sock_ops programs.
+   of each strategy's programs. The fexit and kprobe strategies need a kernel that allows them:
+   ``python -m tests.kernel_vm -- .venv/bin/python bench/lock_connect_overhead.py --only connect``
+   runs this section in the stock-kernel guest (software emulation: ratios only indicative).
 3. Syscall tax: ``perf bench syscall basic`` (getppid in a loop) with every default probe loaded
    (runqlat, lockstat, connect) vs none: median of per-round usecs/op ratios. None of the default
    strategies uses a syscalls:* tracepoint; this shows it.
@@ -47,8 +49,8 @@ sys.path.insert(0, str(REPO))
 from agent.paths import HostPaths  # noqa: E402
 from bench.runqlat_overhead import STATS, prog_stats  # noqa: E402
 from probes import bpfsys  # noqa: E402
-from probes.base import Hooks, KernelFacts, Probe, attach_hooks, detach_hooks  # noqa: E402
-from probes.connect import STATE, STATE_SOCKOPS, ConnectProbe  # noqa: E402
+from probes.base import Hooks, KernelFacts, Probe, ProbeUnavailable, attach_hooks, detach_hooks, detach_kprobes  # noqa: E402
+from probes.connect import FEXIT, KPROBE, STATE_SOCKOPS, ConnectProbe  # noqa: E402
 from probes.lockstat import LockstatProbe  # noqa: E402
 from probes.runqlat import RunqlatProbe  # noqa: E402
 
@@ -129,6 +131,7 @@ class EmptyPrograms:
     def close(self) -> None:
         if self.link >= 0:
             os.close(self.link)
+        detach_kprobes(self.bpf)
         self.bpf.cleanup()
 
     def program_fds(self) -> dict[str, int]:
@@ -137,6 +140,11 @@ class EmptyPrograms:
 
 EMPTY_LOCK = b"RAW_TRACEPOINT_PROBE(contention_begin) { return 0; }\nRAW_TRACEPOINT_PROBE(contention_end) { return 0; }"
 EMPTY_STATE = b"RAW_TRACEPOINT_PROBE(inet_sock_set_state) { return 0; }"
+EMPTY_HOOKED = {
+    FEXIT: b"KFUNC_PROBE(__inet_hash_connect) { return 0; }\nKRETFUNC_PROBE(__inet_hash_connect) { return 0; }",
+    KPROBE: b"int kprobe____inet_hash_connect(void *ctx) { return 0; }\n"
+    b"int kretprobe____inet_hash_connect(void *ctx) { return 0; }",
+}
 
 
 def storm_rate(binary: Path, *args: int) -> float:
@@ -218,16 +226,35 @@ def per_event(factories: tuple[Callable[[], Probe], ...], run: Callable[[], floa
             print(f"  bpf_stats {label}: {ns / cnt:.0f} ns/event over {cnt} events")
 
 
+def loadable(strategy: str) -> str | None:
+    """None if the connect probe loads with ``strategy`` here, else why not."""
+    p = probe(ConnectProbe, strategy)()
+    try:
+        p.load()
+    except ProbeUnavailable as e:
+        return e.reason
+    finally:
+        p.close()
+    return None
+
+
 def connect_section(args: argparse.Namespace, storm: Path) -> None:
     print("\n### connect: loopback connect()/close() storm (connects/s)")
-    arms: dict[str, Arm] = {
-        "connect tracepoint": (probe(ConnectProbe, STATE),),
-        "empty tracepoint": (partial(EmptyPrograms, EMPTY_STATE),),
-        "connect tracepoint+sock_ops": (probe(ConnectProbe, STATE_SOCKOPS),),
-        "empty tracepoint+sock_ops": (partial(EmptyPrograms, EMPTY_STATE, sock_ops=True),),
-    }
+    arms: dict[str, Arm] = {}
+    strategies = []
+    for strategy in ConnectProbe.strategies:
+        reason = loadable(strategy)
+        if reason:
+            print(f"  {strategy}: not measured, the kernel does not take it: {reason}")
+            continue
+        strategies.append(strategy)
+        arms[f"connect {strategy}"] = (probe(ConnectProbe, strategy),)
+        if strategy in EMPTY_HOOKED:
+            arms[f"empty {strategy}"] = (partial(EmptyPrograms, EMPTY_HOOKED[strategy]),)
+        else:
+            arms[f"empty {strategy}"] = (partial(EmptyPrograms, EMPTY_STATE, sock_ops=strategy == STATE_SOCKOPS),)
     ab("connect", args.rounds * args.storm_rounds_factor, arms, lambda: storm_rate(storm, args.connects), True)
-    for strategy in (STATE, STATE_SOCKOPS):
+    for strategy in strategies:
         print(f"  {strategy}:")
         per_event((probe(ConnectProbe, strategy),), lambda: storm_rate(storm, args.connects))
 

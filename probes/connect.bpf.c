@@ -5,8 +5,20 @@
  * connects found none free. Rows "connect_port_search_seconds" (probes/rows.py): NSLOTS counts,
  * the sum in ns, then the failures (FAILURES_WORD).
  *
- * Start (both strategies): raw tracepoint inet_sock_set_state, TCP_CLOSE -> TCP_SYN_SENT, which
- * tcp_v4_connect() and tcp_v6_connect() set immediately before inet_hash_connect().
+ * STRATEGY_FEXIT (fentry + fexit) and STRATEGY_KPROBE (kprobe + kretprobe): the search itself,
+ * __inet_hash_connect(), which inet_hash_connect() (tcp_v4_connect) and inet6_hash_connect()
+ * (tcp_v6_connect) call; DCCP's connects too, which the protocol check drops. It runs in the
+ * connecting task, which can move to another CPU inside it (cond_resched() between candidate
+ * ports), so the start is kept in a slot, not per CPU.
+ *   duration  exit - entry: the search alone, nothing before or after it.
+ *   failure   it returned -EADDRNOTAVAIL: no port of the range free for this destination, or the
+ *             port bound before connect() has its four-tuple taken.
+ *   The slot is keyed by the task (connect() is synchronous); the socket (argument HC_SK_ARG)
+ *   is read at entry for its protocol.
+ *
+ * The tracepoint strategies start at the raw tracepoint inet_sock_set_state, TCP_CLOSE ->
+ * TCP_SYN_SENT, which tcp_v4_connect() and tcp_v6_connect() set immediately before
+ * inet_hash_connect().
  *
  * STRATEGY_STATE (one raw tracepoint, nothing else): the search in flight is keyed by the socket
  * and ends when the socket leaves SYN_SENT (ESTABLISHED, or CLOSE on any failure).
@@ -26,21 +38,26 @@
  *           verifier forbids arithmetic on its socket pointer).
  *   failure CLOSE while the task's search on that socket is still in flight (no connect callback).
  *
- * Both: a start lost to a slot collision still counts a failure when the socket never sent
- * anything (wstamp == 0). Slots are a direct-mapped array tagged with the key (no hash-map insert
+ * All: a start lost to a slot collision still counts a failure (tracepoint strategies: when the
+ * socket never sent anything, wstamp == 0). Slots are a direct-mapped array tagged with the key (no hash-map insert
  * or delete per connect); a search that finds its slot held by another search in flight
  * (younger than IN_FLIGHT_NS) takes it, and the older one's duration is lost (slot_busy).
  */
+
+#ifdef STRATEGY_KPROBE
+#include <uapi/linux/ptrace.h> /* struct pt_regs, for PT_REGS_PARM* and PT_REGS_RC */
+#endif
 
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_CLOSE 7
 #define IPPROTO_TCP_ 6
 #define IN_FLIGHT_NS 1000000000ULL
+#define EADDRNOTAVAIL_ 99 /* include/uapi/asm-generic/errno.h */
 
 struct search {
-    u64 key; /* the socket (STRATEGY_STATE) or the connecting task's task_struct; 0 = free */
-    u64 sk;  /* the socket (STRATEGY_STATE_SOCKOPS: checked at the failure end) */
+    u64 key; /* the socket (STATE) or the connecting task's task_struct; 0 = free */
+    u64 sk;  /* the socket (STATE_SOCKOPS: checked at the failure end); FEXIT, KPROBE: is TCP */
     u64 ts;  /* ns when the search began */
     u64 wid; /* workload of the connecting task */
 };
@@ -95,6 +112,70 @@ static __always_inline void unmatched_close(u64 sk)
         search_done(workload_id(), 0, 0, 1);
 }
 
+static __always_inline int is_tcp(u64 sk)
+{
+    u16 protocol = 0;
+    bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)sk + SK_PROTOCOL_OFF);
+    return protocol == IPPROTO_TCP_; /* not MPTCP's own socket, SCTP, DCCP */
+}
+
+#if defined(STRATEGY_FEXIT) || defined(STRATEGY_KPROBE)
+/* Entry: the search in flight is keyed by the task (the verifier forbids arithmetic on fexit's
+ * typed socket pointer, and the kretprobe has no arguments); sk = 1 marks a TCP search. */
+static __always_inline void hooked_entry(u64 sk)
+{
+    search_begin(bpf_get_current_task(), is_tcp(sk));
+}
+
+/* Return: ret is __inet_hash_connect()'s; lost_tcp says whether a search whose start was lost
+ * (slot_busy) is a TCP one to count a failure for. */
+static __always_inline void hooked_return(int ret, int lost_tcp)
+{
+    u64 task = bpf_get_current_task();
+    struct search *s = search_slot(task);
+    int failed = ret == -EADDRNOTAVAIL_;
+    if (s && s->key == task) {
+        s->key = 0;
+        if (s->sk)
+            search_done(s->wid, bpf_ktime_get_ns() - s->ts, 1, failed);
+    } else if (failed && lost_tcp) {
+        search_done(workload_id(), 0, 0, 1);
+    }
+}
+#endif
+
+#ifdef STRATEGY_FEXIT
+KFUNC_PROBE(__inet_hash_connect)
+{
+    hooked_entry(ctx[HC_SK_ARG]);
+    return 0;
+}
+
+KRETFUNC_PROBE(__inet_hash_connect)
+{
+    /* The return value follows the arguments in fexit's context. */
+    hooked_return((int)ctx[HC_NARGS], is_tcp(ctx[HC_SK_ARG]));
+    return 0;
+}
+#endif /* STRATEGY_FEXIT */
+
+#ifdef STRATEGY_KPROBE
+int kprobe____inet_hash_connect(struct pt_regs *ctx)
+{
+    hooked_entry(HC_SK_PARM(ctx));
+    return 0;
+}
+
+int kretprobe____inet_hash_connect(struct pt_regs *ctx)
+{
+    /* No arguments here: a lost start cannot tell TCP from DCCP, and its failure is counted
+     * (DCCP is rare, and gone from the kernel since 6.16). */
+    hooked_return((int)PT_REGS_RC(ctx), 1);
+    return 0;
+}
+#endif /* STRATEGY_KPROBE */
+
+#if defined(STRATEGY_STATE) || defined(STRATEGY_STATE_SOCKOPS)
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
     /* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
@@ -108,10 +189,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 #endif
         return 0; /* every other TCP state change on the node: two compares */
     u64 sk = ctx->args[0];
-    u16 protocol = 0;
-    bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)sk + SK_PROTOCOL_OFF);
-    if (protocol != IPPROTO_TCP_)
-        return 0; /* MPTCP's own socket, SCTP */
+    if (!is_tcp(sk))
+        return 0;
 #ifdef STRATEGY_STATE
     if (begin) {
         search_begin(sk, sk);
@@ -151,6 +230,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 #endif
     return 0;
 }
+#endif /* tracepoint strategies */
 
 #ifdef STRATEGY_STATE_SOCKOPS
 int connect_sockops(struct bpf_sock_ops *skops)

@@ -1,20 +1,29 @@
 """connect() port-allocation probe: per-workload time to choose a local port, and connects that
 found none free (EADDRNOTAVAIL from the ephemeral port search).
 
-Kernel interfaces (``connect.bpf.c``): the ``sock:inet_sock_set_state`` tracepoint as a raw
-tracepoint and, read from the socket it passes, ``tcp_sock.tcp_wstamp_ns`` (when the SYN left) and
-``total_retrans`` (strategy ``tracepoint``, the default); or the tracepoint and a ``sock_ops``
-program (``BPF_SOCK_OPS_TCP_CONNECT_CB``) attached to the cgroup v2 root as a BPF link
-(``probes/bpfsys.py``: detached when the agent's fd closes, alongside any other program on that
-hook), strategy ``tracepoint+sock_ops``: exact end, but every TCP socket of the node then runs the
-cgroup's sock_ops callbacks (README, cost table). Member offsets from BTF.
+Kernel interfaces (``connect.bpf.c``), by attach strategy, most preferred first:
+
+- ``fexit``: fentry and fexit programs on ``__inet_hash_connect()``, the port search itself (its
+  parameters' positions from BTF); exact duration and return value;
+- ``kprobe``: a kprobe and a kretprobe on the same function, for kernels that refuse tracing
+  programs but have kprobes;
+- ``tracepoint``: the ``sock:inet_sock_set_state`` tracepoint as a raw tracepoint and, read from
+  the socket it passes, ``tcp_sock.tcp_wstamp_ns`` (when the SYN left) and ``total_retrans``;
+  needs neither kprobes nor tracing programs;
+- ``tracepoint+sock_ops``: the tracepoint and a ``sock_ops`` program
+  (``BPF_SOCK_OPS_TCP_CONNECT_CB``) attached to the cgroup v2 root as a BPF link
+  (``probes/bpfsys.py``: detached when the agent's fd closes, alongside any other program on that
+  hook): exact end, but every TCP socket of the node then runs the cgroup's sock_ops callbacks
+  (README, cost table).
+
+Member offsets from BTF.
 
 Exported: ``nodetune_connect_port_search_seconds`` (histogram) and
 ``nodetune_connect_port_allocation_failures_total``, both with the workload labels.
 
-What the strategy measures and misses: README, "connect() port allocation". fentry/fexit (or
-kprobes) on ``__inet_hash_connect`` would time the search alone, but the development kernel
-refuses tracing programs (EPERM) and has no kprobes, so no such strategy ships untested.
+What each strategy measures and misses: README, "connect() port allocation". The development
+kernel refuses tracing programs (EPERM) and has no kprobes: the ``fexit`` and ``kprobe``
+strategies are tested on a stock Debian kernel booted under qemu (``tests/kernel_vm.py``).
 """
 
 from __future__ import annotations
@@ -35,8 +44,11 @@ from probes.settings import Setting
 
 log = logging.getLogger(__name__)
 
+FEXIT = "fexit"
+KPROBE = "kprobe"
 STATE = "tracepoint"
 STATE_SOCKOPS = "tracepoint+sock_ops"
+SEARCH_FUNCTION = "__inet_hash_connect"  # net/ipv4/inet_hashtables.c: the ephemeral port search
 HIST = "connect_port_search_seconds"
 FAILURES_WORD = ROW_WORDS  # after the histogram's slots and sum
 
@@ -45,7 +57,7 @@ class ConnectProbe(Probe):
     """See module docstring."""
 
     name = "connect"
-    strategies = (STATE, STATE_SOCKOPS)
+    strategies = (FEXIT, KPROBE, STATE, STATE_SOCKOPS)
     source_file = "connect.bpf.c"
     settings = (
         Setting("max_cgroups", 1024, "in-kernel per-workload rows (208 B x CPUs each)", maximum=65536),
@@ -88,11 +100,34 @@ class ConnectProbe(Probe):
             offsets[macro] = member.offset
         return offsets
 
+    def _search_params(self) -> tuple[int, int] | str:
+        """(index of the socket parameter, parameter count) of the search function, from BTF; or
+        why it cannot be hooked. The count moved: 4 parameters in 6.1, 5 since hash_port0 (6.9)."""
+        btf = self.kernel.btf
+        if btf is None:
+            return f"no kernel BTF at {self.kernel.btf_path} for {SEARCH_FUNCTION}'s parameters"
+        try:
+            params = btf.function_params(SEARCH_FUNCTION)
+        except BTFError as e:
+            return f"{SEARCH_FUNCTION} not hookable (inlined, or renamed): {e}"
+        if "sk" not in params:
+            return f"{SEARCH_FUNCTION} has no parameter 'sk': {params}"
+        return params.index("sk"), len(params)
+
     def unsupported(self, strategy: str) -> str | None:
+        if strategy in (FEXIT, KPROBE):
+            if strategy == KPROBE and not (self.kernel.sys_root / "bus/event_source/devices/kprobe").exists():
+                return "no kprobes (no kprobe PMU in /sys/bus/event_source/devices: CONFIG_KPROBES off)"
+            params = self._search_params()
+            if isinstance(params, str):
+                return params
+            if strategy == KPROBE and params[0] >= 6:
+                return f"socket is parameter {params[0] + 1} of {SEARCH_FUNCTION}: not in a register"
         if strategy == STATE_SOCKOPS and self.kernel.cgroup2_root is None:
             return "no cgroup v2 hierarchy mounted to attach the sock_ops program to"
         btf = self.kernel.btf
-        if btf is not None and not btf.has_function("__traceiter_inet_sock_set_state"):
+        tracepoint = btf is None or btf.has_function("__traceiter_inet_sock_set_state")
+        if strategy in (STATE, STATE_SOCKOPS) and not tracepoint:
             return "no sock:inet_sock_set_state tracepoint (kernel < 4.16)"
         offsets = self._offsets()
         return offsets if isinstance(offsets, str) else None
@@ -101,8 +136,17 @@ class ConnectProbe(Probe):
         offsets = self._offsets()
         if isinstance(offsets, str):
             raise ValueError(offsets)
+        macro = {FEXIT: "FEXIT", KPROBE: "KPROBE", STATE: "STATE", STATE_SOCKOPS: "STATE_SOCKOPS"}[strategy]
+        hooked: list[str] = []
+        if strategy in (FEXIT, KPROBE):
+            params = self._search_params()
+            if isinstance(params, str):
+                raise ValueError(params)
+            sk_arg, nargs = params
+            hooked = [f"-DHC_SK_ARG={sk_arg}", f"-DHC_NARGS={nargs}", f"-DHC_SK_PARM=PT_REGS_PARM{sk_arg + 1}"]
         return [
-            "-DSTRATEGY_STATE" if strategy == STATE else "-DSTRATEGY_STATE_SOCKOPS",
+            f"-DSTRATEGY_{macro}",
+            *hooked,
             f"-DSEARCH_SLOTS={self.config['search_slots']}",
             f"-DFAILURES_WORD={FAILURES_WORD}",
             *(f"-D{macro}={offset}" for macro, offset in offsets.items()),
@@ -139,9 +183,10 @@ class ConnectProbe(Probe):
     def collect_loaded(self) -> Iterable[Metric]:
         hist = CompactHistogram(
             "nodetune_" + HIST,
-            "Time the kernel spent choosing a local port for a TCP connect(), from the SYN_SENT "
-            "state change before the port search to the SYN's departure (or the connect callback) "
-            "after it, per workload.",
+            "Time the kernel spent choosing a local port for a TCP connect(), per workload: the "
+            "port search itself (fexit, kprobe strategies), or from the SYN_SENT state change "
+            "before it to the SYN's departure or the connect callback after it (tracepoint "
+            "strategies).",
             labels=self.labeler.label_names,
         )
         failures = CompactScalar(

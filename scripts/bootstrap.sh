@@ -2,7 +2,9 @@
 # Installs what nodetune needs on a Debian/Ubuntu host, only what is missing; re-running is fast
 # and changes nothing. Usage: scripts/bootstrap.sh run|test|bench   (as root)
 #   run:   python3-bpfcc, python3-venv, kernel headers if the host has none, the venv + package
-#   test:  run + promtool (Debian `prometheus`) + test extras
+#   test:  run + promtool (Debian `prometheus`) + test extras + what the stock-kernel guest needs
+#          (qemu, busybox, kmod, cpio, Debian's generic kernel headers; the kernel image itself is
+#          downloaded and unpacked into /var/cache/nodetune-test by tests/kernel_vm.py --prepare)
 #   bench: run + bpfcc-tools (runqlat-bpfcc) + linux-perf (perf bench) + gcc (the C storms)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,12 @@ VENV=${VENV:-.venv}
 pkgs=(python3-bpfcc python3-venv)
 case "$what" in
   run) ;;
-  test) pkgs+=(prometheus linux-perf irqbalance) ;;
+  test)
+    pkgs+=(prometheus linux-perf irqbalance qemu-system-x86 busybox-static kmod cpio)
+    # The guest kernel is Debian's generic flavour (it has 9p and kprobes; -cloud has no 9p).
+    if [ "$(. /etc/os-release && echo "$ID")" = debian ] && [ "$(dpkg --print-architecture)" = amd64 ]; then
+      pkgs+=(linux-headers-amd64)
+    fi ;;
   bench) pkgs+=(bpfcc-tools linux-perf gcc libc6-dev) ;;
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
@@ -66,3 +73,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc' 2>/dev/null || { echo "bootstrap: bcc not importable from $VENV" >&2; exit 1; }
+if [ "$what" = test ] && dpkg-query -W -f='${Status}' linux-headers-amd64 2>/dev/null | grep -q 'install ok installed'; then
+  "$VENV/bin/python" -m tests.kernel_vm --prepare
+fi

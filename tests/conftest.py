@@ -2,6 +2,11 @@
 
 BPF tests are marked ``bpf``. They skip when not root or BCC is missing, except under
 ``NODETUNE_REQUIRE_BPF=1`` (CI), where such a skip is turned into a failure.
+
+Tests marked ``tracing`` need fentry/fexit or kprobes, which the development kernel refuses: they
+are deselected here and run inside a stock Debian kernel booted under qemu
+(``tests/test_stock_kernel.py``, which sets ``NODETUNE_IN_TEST_VM=1`` there and checks that every
+one of them passed).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.paths import HostPaths
 
 REQUIRE_BPF = os.environ.get("NODETUNE_REQUIRE_BPF") == "1"
+IN_TEST_VM = os.environ.get("NODETUNE_IN_TEST_VM") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -46,6 +52,15 @@ def _bpf_gate(request: pytest.FixtureRequest) -> None:
         return
     if reason:
         pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_TEST_VM:
+        return
+    tracing = [item for item in items if item.get_closest_marker("tracing")]
+    if tracing:
+        config.hook.pytest_deselected(items=tracing)
+        items[:] = [item for item in items if not item.get_closest_marker("tracing")]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,0 +1,82 @@
+"""The stock-kernel guest (tests/kernel_vm.py): its pure parts, and the run of every test marked
+``tracing`` inside it (fentry/fexit and kprobe strategies, which the development kernel refuses)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.kernel_vm import VMUnavailable, generic_headers_release, module_load_order, run_in_guest
+
+
+def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
+    (tmp_path / "modules.dep").write_text(
+        "kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko kernel/fs/netfs/netfs.ko\n"
+        "kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/net/9p/9pnet.ko:\n"
+        "kernel/fs/netfs/netfs.ko: kernel/fs/fscache/fscache.ko\n"
+        "kernel/fs/fscache/fscache.ko:\n"
+        "kernel/drivers/virtio/virtio_ring.ko:\n"
+    )
+    order = module_load_order(tmp_path, ("9pnet_virtio", "9p"))
+    assert order == [
+        "kernel/net/9p/9pnet.ko",
+        "kernel/drivers/virtio/virtio_ring.ko",
+        "kernel/net/9p/9pnet_virtio.ko",
+        "kernel/fs/fscache/fscache.ko",
+        "kernel/fs/netfs/netfs.ko",
+        "kernel/fs/9p/9p.ko",
+    ]
+    with pytest.raises(VMUnavailable, match="module overlay not in"):
+        module_load_order(tmp_path, ("overlay",))
+
+
+def test_guest_release_is_the_newest_generic_header_set(tmp_path: Path) -> None:
+    for name in ("linux-headers-6.1.0-9-amd64", "linux-headers-6.1.0-56-amd64", "linux-headers-6.1.0-60-cloud-amd64"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "linux-headers-6.1.0-56-common").mkdir()
+    assert generic_headers_release(tmp_path) == "6.1.0-56-amd64"  # 56 > 9 as numbers; cloud has no 9p
+    with pytest.raises(VMUnavailable, match="no linux-headers"):
+        generic_headers_release(tmp_path / "linux-headers-6.1.0-56-common")
+
+
+def tracing_tests() -> set[str]:
+    """Node ids of the tests marked ``tracing``, as the guest will collect them."""
+    env = {**os.environ, "NODETUNE_IN_TEST_VM": "1"}
+    listing = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "tracing"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line for line in listing.splitlines() if "::" in line}
+
+
+@pytest.mark.bpf
+def test_tracing_strategies_pass_on_a_stock_debian_kernel() -> None:
+    """Boots Debian's generic kernel (kprobes, BTF, fentry/fexit) under qemu on this machine's own
+    file system and runs every ``tracing`` test there with NODETUNE_REQUIRE_BPF=1: each must pass
+    (none skipped, none missing)."""
+    expected = tracing_tests()
+    assert expected, "no test is marked tracing"
+    try:
+        result = run_in_guest(
+            f"{sys.executable} -m pytest -p no:cacheprovider -m tracing -rA -q",
+            env={"NODETUNE_IN_TEST_VM": "1", "NODETUNE_REQUIRE_BPF": "1"},
+            timeout=1800,
+        )
+    except VMUnavailable as e:
+        pytest.skip(f"no stock-kernel guest here: {e}")
+    print(result.output[-20000:])
+    assert result.returncode is not None, f"the guest never reported:\n{result.console[-4000:]}"
+    passed = set(re.findall(r"^PASSED (\S+)", result.output, re.MULTILINE))
+    assert result.returncode == 0, result.output[-6000:]
+    assert passed == expected, (sorted(expected - passed), sorted(passed - expected))

@@ -14,6 +14,7 @@ import pytest
 
 from probes.base import KernelFacts
 from probes.btf import BTFError, Member
+from probes.histogram import slot_of
 from probes.kallsyms import KernelSymbols
 from probes.lockstat import LOCK_TYPES, LockstatProbe
 from probes.settings import SettingError
@@ -266,6 +267,52 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
     assert abs(mutex[1] - mutex[0]) <= 0.1 * mutex[0]
     assert first[0] > 0.5 * mutex[0]
     assert abs(first[1] - first[0]) <= 0.05 * first[0]
+
+
+def sleeper_owners(probe: LockstatProbe) -> int:
+    """Sleeper slots held at this instant."""
+    return sum(1 for slot in probe.table("lockstat_sleepers").values() if slot.owner)
+
+
+@pytest.mark.bpf
+def test_sleepers_beyond_their_slots_are_lost_counted_and_the_slots_come_back(header_cache: Path) -> None:
+    """200 tasks asleep at once on one pipe's mutex (tests/contention.py: its writer holds the
+    mutex, stalled on a userfaultfd page) against 64 sleeper slots: every slot is held, at least
+    the 136 that found none are counted in sleeper_slots_full, and the 64 timed waits each last
+    the whole stall (over 0.5 s). Released, every slot is free again: none leaks."""
+    probe = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), sleeper_slots=64)
+    probe.load()
+    stall = subprocess.Popen(
+        [sys.executable, "-m", "tests.contention", "stall", "200"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        before = (probe.read_stats(), probe.histograms()["mutex"][0])
+        stalled = stall.stdout.readline().strip()
+        time.sleep(0.6)
+        held, mid = sleeper_owners(probe), probe.read_stats()
+        stall.stdin.write("\n")
+        stall.stdin.flush()
+        released = stall.stdout.readline().strip()
+        stall.wait(30)
+        time.sleep(0.2)
+        after = (probe.read_stats(), probe.histograms()["mutex"][0], sleeper_owners(probe))
+    finally:
+        if stall.poll() is None:
+            stall.kill()
+            stall.wait()
+        probe.close()
+    lost = mid["sleeper_slots_full"] - before[0]["sleeper_slots_full"]
+    long_waits = sum(after[1][slot_of(500_000_000) :]) - sum(before[1][slot_of(500_000_000) :])
+    print(f"{stalled}; slots held {held}/64, lost {lost}; waits over 0.5 s {long_waits}; free after: {64 - after[2]}")
+    assert stalled == "stalled 200" and released == "released 4296", (stalled, released)
+    assert held == 64
+    assert lost >= 200 - 64
+    assert 64 <= long_waits <= 200
+    assert after[2] == 0
 
 
 @pytest.mark.bpf

@@ -146,8 +146,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run/netns 2>/dev/null || true
+# No tmpfs on /tmp: the repository may live there (a CI clone); the overlay keeps writes in RAM.
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
 # The kernel's own modules (the host's /lib/modules has only the headers' build/source links).
 mkdir -p /lib/modules/{release}

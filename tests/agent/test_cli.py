@@ -52,7 +52,7 @@ def test_probes() -> None:
         {"probe_settings": {"runqlat": {"max_cgroups": 0}}},
         {"probe_settings": {"runqlat": {"max_pid_slots": 3000}}},
         {"probe_settings": {"nosuchprobe": {}}},
-        {"probe_strategies": {"connect": "kprobe"}},
+        {"probe_strategies": {"connect": "kretprobe"}},  # kprobe is one; kretprobe is not
         {"probe_strategies": {"nosuchprobe": "tracepoint"}},
         {"cgroup_hierarchy": "v3"},
         {"workload_series_grace_s": -1},
@@ -82,7 +82,7 @@ def test_bad_settings(kwargs: dict) -> None:
         ["run", "--profile", "/nonexistent.yaml"],
         ["run", "--lockstat-top-callers", "0"],
         ["run", "--connect-search-slots", "1000"],
-        ["run", "--connect-strategy", "fexit"],
+        ["run", "--connect-strategy", "fentry"],  # fexit is one; fentry is not
         ["probes", "--runqlat-strategy", "tracepoint+sock_ops"],
     ],
 )

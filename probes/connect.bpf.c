@@ -127,9 +127,9 @@ static __always_inline void hooked_entry(u64 sk)
     search_begin(bpf_get_current_task(), is_tcp(sk));
 }
 
-/* Return: ret is __inet_hash_connect()'s; lost_tcp says whether a search whose start was lost
- * (slot_busy) is a TCP one to count a failure for. */
-static __always_inline void hooked_return(int ret, int lost_tcp)
+/* Return: ret is __inet_hash_connect()'s; sk its socket, or 0 where unknown (kretprobe). A failed
+ * search whose start was lost (slot_busy) is counted if TCP; its protocol is read only then. */
+static __always_inline void hooked_return(int ret, u64 sk)
 {
     u64 task = bpf_get_current_task();
     struct search *s = search_slot(task);
@@ -138,7 +138,7 @@ static __always_inline void hooked_return(int ret, int lost_tcp)
         s->key = 0;
         if (s->sk)
             search_done(s->wid, bpf_ktime_get_ns() - s->ts, 1, failed);
-    } else if (failed && lost_tcp) {
+    } else if (failed && (!sk || is_tcp(sk))) {
         search_done(workload_id(), 0, 0, 1);
     }
 }
@@ -154,7 +154,7 @@ KFUNC_PROBE(__inet_hash_connect)
 KRETFUNC_PROBE(__inet_hash_connect)
 {
     /* The return value follows the arguments in fexit's context. */
-    hooked_return((int)ctx[HC_NARGS], is_tcp(ctx[HC_SK_ARG]));
+    hooked_return((int)ctx[HC_NARGS], ctx[HC_SK_ARG]);
     return 0;
 }
 #endif /* STRATEGY_FEXIT */
@@ -170,7 +170,7 @@ int kretprobe____inet_hash_connect(struct pt_regs *ctx)
 {
     /* No arguments here: a lost start cannot tell TCP from DCCP, and its failure is counted
      * (DCCP is rare, and gone from the kernel since 6.16). */
-    hooked_return((int)PT_REGS_RC(ctx), 1);
+    hooked_return((int)PT_REGS_RC(ctx), 0);
     return 0;
 }
 #endif /* STRATEGY_KPROBE */

@@ -3,7 +3,7 @@ VENV ?= .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint deps test-deps bench-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network bench-locks clean
+.PHONY: run test lint deps test-deps bench-deps bench bench-overhead bench-scrape bench-throttling bench-storm bench-network bench-locks bench-guest clean
 
 deps:
 	@bash scripts/bootstrap.sh run
@@ -45,6 +45,13 @@ bench-network: bench-deps
 
 bench-locks: bench-deps
 	$(VENV)/bin/python bench/lock_connect_overhead.py $(LOCK_ARGS)
+
+# The connect strategies this kernel refuses (fexit, kprobe), costed in the stock-kernel guest
+# with an instruction-counting clock (tests/kernel_vm.py, accelerator "icount"). Not in `bench`:
+# about 6 minutes of emulation.
+GUEST_LOCK_ARGS ?= --rounds 4 --connects 2000
+bench-guest: bench-deps test-deps
+	$(VENV)/bin/python -m tests.kernel_vm --accel=icount -- $(VENV)/bin/python bench/lock_connect_overhead.py --only connect $(GUEST_LOCK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,10 +14,11 @@
    gcc: a C loop, so the kernel path dominates, not an interpreter): connects per second off vs
    each strategy this kernel takes vs empty programs on each strategy's hooks, median ratio
    (``--storm-rounds-factor`` times as many rounds: its runs are short); bpf_stats ns per event
-   of each strategy's programs. The fexit and kprobe strategies are measured only on a kernel
-   that takes them (the others are listed with the reason). The stock-kernel guest of the tests
-   (``python -m tests.kernel_vm -- ...``) is no place for it: under software emulation the storm
-   runs at about 1,400 connects per second and its rounds swing by 25 % and more.
+   of each strategy's programs. A strategy the kernel refuses is listed with the reason. For
+   the fexit and kprobe strategies on a machine whose kernel refuses them, ``make bench-guest``
+   runs this section in the tests' stock-kernel guest with an instruction-counting clock
+   (``python -m tests.kernel_vm --accel=icount``): ratios of instructions, steady to 0.5 %.
+   (Under plain emulation the storm's rounds swing by 25 % and more.)
 3. Syscall tax: ``perf bench syscall basic`` (getppid in a loop) with every default probe loaded
    (runqlat, lockstat, connect) vs none: median of per-round usecs/op ratios. None of the default
    strategies uses a syscalls:* tracepoint; this shows it.
@@ -175,6 +176,7 @@ def ab(name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], h
                 thing.load()
                 loaded_arms[arm].append(thing)
                 thing.pause()
+        run()  # warm-up, not counted: the first run of a process pays for cold caches and slabs
         ratios: dict[str, list[float]] = {arm: [] for arm in arms}
         states = ["off", *arms]
         for r in range(rounds):

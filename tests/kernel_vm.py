@@ -17,7 +17,8 @@ How the guest is made (nothing of the host is changed):
   loopback; its output and exit status come back through a second, writable 9p share (a
   temporary directory). Software emulation (``accelerator()`` says why not KVM).
 
-``python -m tests.kernel_vm -- <command>`` runs a command by hand (as root); ``--prepare`` only
+``python -m tests.kernel_vm [--accel=icount] -- <command>`` runs a command by hand (as root; ``make
+bench-guest`` runs the connect cost bench this way); ``--prepare`` only
 downloads and unpacks the kernel (``scripts/bootstrap.sh test`` does, so tests need no network).
 """
 
@@ -191,14 +192,39 @@ def build_initramfs(kernel: GuestKernel, dest: Path) -> None:
     dest.write_bytes(buf.getvalue())
 
 
-def accelerator() -> list[str]:
-    """qemu's accelerator flags: software emulation unless NODETUNE_VM_KVM=1. On these machines
-    /dev/kvm exists and makes VMs, but a guest kernel hangs right after its real-mode setup
-    ("Probing EDD ... ok", then nothing, with -cpu host,-arch-capabilities; plain -cpu host
-    fails on MSR 0x10a), so KVM is opt-in."""
-    if os.environ.get("NODETUNE_VM_KVM") == "1":
+ACCELERATORS = ("tcg", "icount", "kvm")
+
+
+def accelerator(mode: str = "tcg") -> list[str]:
+    """qemu's accelerator flags.
+
+    - ``tcg`` (the tests): multi-threaded software emulation.
+    - ``icount`` (cost measurements): single-threaded emulation whose clock is the count of
+      guest instructions, 1 ns each (``-icount shift=0``). Host load no longer moves the
+      guest's timings, so a throughput ratio is a ratio of instructions executed: stable to a
+      fraction of a per cent, blind to cache misses and to what an instruction costs. One CPU:
+      with two, the guest hangs bringing up the second ("x86: Booting SMP configuration").
+    - ``kvm``: opt-in. These machines' ``/dev/kvm`` is ``kvm_pvm`` (Pagetable-based Virtual
+      Machine, no VT-x/SVM: ``/sys/module/kvm_pvm``), which runs only kernels built as PVM
+      guests; a stock kernel hangs right after its real-mode setup ("Probing EDD ... ok"), and
+      ``-cpu host`` fails on MSR 0x10a."""
+    if mode == "kvm":
         return ["-enable-kvm", "-cpu", "host,-arch-capabilities"]
-    return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if mode == "icount":
+        return ["-accel", "tcg,thread=single", "-icount", "shift=0,sleep=on", "-cpu", "max"]
+    if mode == "tcg":
+        return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    raise ValueError(f"accelerator {mode!r}: one of {', '.join(ACCELERATORS)}")
+
+
+def _die_with_parent() -> None:
+    """In qemu's child before exec: SIGKILL when the parent dies (PR_SET_PDEATHSIG, prctl(2)), so
+    an interrupted test run or a killed ``python -m tests.kernel_vm`` leaves no guest running."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass
@@ -215,6 +241,7 @@ def run_in_guest(
     memory_mb: int = 3072,
     cpus: int = 2,
     kernel: GuestKernel | None = None,
+    accel: str = "tcg",
 ) -> GuestResult:
     """Boot the guest, run ``command`` (sh syntax) in the repository, power off."""
     if shutil.which(QEMU) is None:
@@ -236,7 +263,7 @@ def run_in_guest(
             )
         )
         argv = [
-            QEMU, *accelerator(), "-m", str(memory_mb), "-smp", str(cpus),
+            QEMU, *accelerator(accel), "-m", str(memory_mb), "-smp", str(1 if accel == "icount" else cpus),
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
@@ -244,7 +271,9 @@ def run_in_guest(
             "-virtfs", f"local,path={out},mount_tag=vmout,security_model=none",
         ]  # fmt: skip
         try:
-            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+            proc = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, preexec_fn=_die_with_parent
+            )
             console = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
         except subprocess.TimeoutExpired as e:  # qemu is killed by subprocess.run
             console = (e.stdout or b"").decode(errors="replace") + "\n[timed out]"
@@ -261,9 +290,13 @@ def main(argv: list[str]) -> int:
         kernel = guest_kernel()
         print(f"stock-kernel guest: {kernel.vmlinuz}")
         return 0
+    accel = "tcg"
+    if argv[:1] and argv[0].startswith("--accel="):
+        accel, argv = argv[0].split("=", 1)[1], argv[1:]
+        accelerator(accel)  # a bad name is refused before anything boots
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    result = run_in_guest(" ".join(shlex.quote(a) for a in argv) or "uname -a")
+    result = run_in_guest(" ".join(shlex.quote(a) for a in argv) or "uname -a", accel=accel, timeout=7200)
     sys.stdout.write(result.output)
     if result.returncode is None:
         sys.stdout.write(result.console[-4000:])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.kernel_vm import VMUnavailable, generic_headers_release, module_load_order, run_in_guest
+from tests.kernel_vm import VMUnavailable, generic_headers_release, main, module_load_order, run_in_guest
 
 
 def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
@@ -58,6 +58,14 @@ def tracing_tests() -> set[str]:
         check=True,
     ).stdout
     return {line for line in listing.splitlines() if "::" in line}
+
+
+def test_an_unknown_accelerator_is_refused_before_anything_boots(monkeypatch: pytest.MonkeyPatch) -> None:
+    booted: list[str] = []
+    monkeypatch.setattr("tests.kernel_vm.run_in_guest", lambda *a, **k: booted.append("booted"))
+    with pytest.raises(ValueError, match="accelerator 'hvf': one of tcg, icount, kvm"):
+        main(["--accel=hvf", "--", "true"])
+    assert booted == []
 
 
 @pytest.mark.bpf

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", default=None, help="tuning profile YAML (default: the built-in one, observe only)")
     run.add_argument("--mode", default="observe", help="observe (default: report only) or enforce (apply, fix drift)")
     run.add_argument(
+        "--bpf-stats",
+        action="store_true",
+        help="keep the kernel's BPF run-time stats on while running, to export what each probe program costs",
+    )
+    run.add_argument(
         "--workload-series-grace",
         type=float,
         default=300.0,
@@ -133,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
             profile=Path(args.profile) if args.profile else None,
             mode=args.mode,
+            bpf_stats=args.bpf_stats,
         )
     return AgentConfig(**kwargs)  # type: ignore[arg-type]
 

@@ -127,6 +127,10 @@ class AgentConfig:
     """Tuning profile file (``--profile``); None: the built-in default profile (observe mode only)."""
     mode: str = "observe"
     """``observe`` reports what the profile would change; ``enforce`` applies it and re-applies drift."""
+    bpf_stats: bool = False
+    """Keep the kernel's BPF run-time statistics on while the agent runs (``BPF_ENABLE_STATS``),
+    so ``nodetune_probe_bpf_run_seconds_total`` shows what each probe program costs. It adds two
+    clock reads to every run of every BPF program of the node, so it is off by default."""
     maintain_interval_s: float = 5.0
     """Period of the agent's housekeeping timer (row reclaim, relabelling), jittered by +-20 %."""
 

@@ -9,11 +9,16 @@ The main loop also runs the housekeeping timer: every ``maintain_interval_s`` (+
 that the nodes of a cluster do not act in step, seed 002) each loaded probe reclaims the rows of
 vanished cgroups and follows label changes. Metrics are read at scrape time only, and a scrape
 changes nothing. SIGTERM/SIGINT detach every probe and exit 0.
+
+Agent-level metrics include the kernel's accounting of each probe program (its fdinfo: run
+time, runs, recursion misses); with ``--bpf-stats`` the agent holds ``BPF_ENABLE_STATS`` so the
+kernel keeps run times while it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -21,7 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from agent import __version__
@@ -36,7 +41,7 @@ from agent.paths import HostPaths
 from agent.tuning.base import TuningHost
 from agent.tuning.unit import TuningUnit
 from agent.workloads import Workloads
-from probes import PROBES
+from probes import PROBES, bpfsys
 from probes.base import CPU_V1, KernelFacts, Probe, ProbeUnavailable
 
 log = logging.getLogger(__name__)
@@ -98,6 +103,7 @@ class Agent:
         self._probes_lock = threading.Lock()
         self.collectors: dict[str, object] = {}
         self.netns: NetnsIndex | None = None
+        self._stats_fd = -1  # BPF_ENABLE_STATS, held while running with --bpf-stats
         if collectors:
             self._start_collectors()
         self.candidates: list[Probe] = [make_probe(n, config, self.kernel, self.workloads) for n in config.probes]
@@ -134,7 +140,47 @@ class Agent:
             up.add_metric([state.name], 1 if state.probe else 0)
             if state.probe:
                 info.add_metric([state.name, state.attach], 1)
-        return [build, up, info]
+        return [build, up, info, *self._program_costs(states)]
+
+    def _program_costs(self, states: list[ProbeState]) -> list[Metric]:
+        """What the kernel counts for each loaded probe program (its fdinfo: a read per program)."""
+        labels = ["probe", "program"]
+        enabled = GaugeMetricFamily(
+            "nodetune_probe_bpf_stats_enabled",
+            "1 while the kernel times BPF program runs (--bpf-stats or the kernel.bpf_stats_enabled sysctl).",
+        )
+        enabled.add_metric([], 1 if self._stats_fd >= 0 or self._stats_sysctl() else 0)
+        run_time = CounterMetricFamily(
+            "nodetune_probe_bpf_run_seconds",
+            "Time the kernel spent running each probe program, while BPF run-time stats were on.",
+            labels=labels,
+        )
+        runs = CounterMetricFamily(
+            "nodetune_probe_bpf_runs", "Runs of each probe program, while BPF run-time stats were on.", labels=labels
+        )
+        misses = CounterMetricFamily(
+            "nodetune_probe_bpf_recursion_misses",
+            "Runs of each probe program the kernel skipped because it was already running on that CPU.",
+            labels=labels,
+        )
+        for state in states:
+            probe = state.probe
+            if probe is None:
+                continue
+            for program, fd in sorted(probe.program_fds().items()):
+                stats = bpfsys.prog_stats(fd)
+                if stats is None:  # the probe closed meanwhile
+                    continue
+                run_time.add_metric([state.name, program], stats.run_time_ns / 1e9)
+                runs.add_metric([state.name, program], stats.run_cnt)
+                misses.add_metric([state.name, program], stats.recursion_misses)
+        return [enabled, run_time, runs, misses]
+
+    def _stats_sysctl(self) -> bool:
+        try:
+            return (self.paths.proc / "sys/kernel/bpf_stats_enabled").read_text().strip() == "1"
+        except OSError:
+            return False
 
     # --- lifecycle ------------------------------------------------------------------------
     def start_server(self) -> None:
@@ -232,6 +278,12 @@ class Agent:
     def start_loading(self) -> None:
         """Load the probes on a thread of their own (and start the API watch); the main loop keeps
         beating meanwhile."""
+        if self.config.bpf_stats:
+            try:
+                self._stats_fd = bpfsys.enable_run_time_stats()
+                log.info("BPF run-time stats on while the agent runs (--bpf-stats)")
+            except OSError as e:  # kernels before 5.8 have no BPF_ENABLE_STATS
+                log.warning("--bpf-stats: the kernel refused BPF_ENABLE_STATS (%s); run time is not measured", e)
         if self.kube is not None:
             self.kube.start()
         self._loader = threading.Thread(target=self.load_probes, name="probe-loader", daemon=True)
@@ -274,6 +326,9 @@ class Agent:
                 state.probe.close()
                 state.probe = None
         log.info("probes detached")
+        if self._stats_fd >= 0:
+            os.close(self._stats_fd)  # the kernel stops timing programs unless someone else asked
+            self._stats_fd = -1
 
     def run_forever(self, tick_s: float = 1.0) -> None:
         interval = self.config.maintain_interval_s

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from probes import bpfsys
 from probes.base import KernelFacts
 from probes.runqlat import RunqlatProbe
 
@@ -44,14 +45,9 @@ def prog_stats(pid: int) -> dict[int, tuple[int, int]]:
     """BPF programs held by ``pid``: fd -> (run_time_ns, run_cnt)."""
     out: dict[int, tuple[int, int]] = {}
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd) != "anon_inode:bpf-prog":
-                continue
-            text = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
-        except OSError:
-            continue
-        info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        out[int(fd.name)] = (int(info.get("run_time_ns", "0")), int(info.get("run_cnt", "0")))
+        stats = bpfsys.prog_stats(int(fd.name), f"/proc/{pid}")
+        if stats is not None:
+            out[int(fd.name)] = (stats.run_time_ns, stats.run_cnt)
     return out
 
 

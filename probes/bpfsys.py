@@ -10,6 +10,11 @@
   cgroup_bpf_link_attach passes BPF_F_ALLOW_MULTI), so Cilium's or Calico's stay in place.
 * ``prog_test_run``: ``BPF_PROG_TEST_RUN`` of a raw-tracepoint program with given arguments
   (kernel >= 5.10, net/bpf/test_run.c ``bpf_prog_test_run_raw_tp``), so tests run the real C.
+* ``enable_run_time_stats``: ``BPF_ENABLE_STATS`` (kernel >= 5.8): the kernel times every BPF
+  program run for as long as the returned fd is open; the last close turns it off again. Unlike
+  the ``kernel.bpf_stats_enabled`` sysctl it cannot be left on by a process that dies.
+* ``prog_stats``: a program's run time, run count and recursion misses, from its
+  ``/proc/<pid>/fdinfo`` entry (kernel/bpf/syscall.c ``bpf_prog_show_fdinfo``).
 
 Plain ``syscall(__NR_bpf, ...)`` through libc: no subprocess, no extra library.
 """
@@ -22,6 +27,7 @@ import errno
 import os
 import platform
 import struct
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -33,6 +39,8 @@ BPF_PROG_TEST_RUN = 10
 BPF_LINK_CREATE = 28
 BPF_PROG_QUERY = 16
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -136,3 +144,35 @@ def attached_count(target_fd: int, attach_type: int) -> int:
     attr = ctypes.create_string_buffer(struct.pack("<IIIIQI", target_fd, attach_type, 0, 0, 0, 0) + bytes(36))
     _bpf(BPF_PROG_QUERY, attr)
     return struct.unpack_from("<I", attr.raw, 24)[0]
+
+
+def enable_run_time_stats() -> int:
+    """``BPF_ENABLE_STATS``: every BPF program's run time and count are kept while the returned
+    fd is open (a static key the kernel counts per holder). It costs two clock reads per program
+    run, on every BPF program of the node."""
+    # union bpf_attr.enable_stats: type
+    return _bpf(BPF_ENABLE_STATS, ctypes.create_string_buffer(struct.pack("<I", BPF_STATS_RUN_TIME) + bytes(4)))
+
+
+@dataclass(frozen=True)
+class ProgStats:
+    run_time_ns: int  # kept only while run-time stats are enabled (sysctl or a held fd)
+    run_cnt: int  # likewise
+    recursion_misses: (
+        int  # always kept (kernel >= 5.12): runs skipped because the program was already running on that CPU
+    )
+
+
+def prog_stats(fd: int, proc: str = "/proc/self") -> ProgStats | None:
+    """What the kernel counts for the program behind ``fd`` of ``proc``; None if ``fd`` is no BPF
+    program (closed meanwhile). Fields a kernel does not show read 0."""
+    try:
+        text = Path(f"{proc}/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    if "prog_id" not in info:
+        return None
+    return ProgStats(
+        int(info.get("run_time_ns", "0")), int(info.get("run_cnt", "0")), int(info.get("recursion_misses", "0"))
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -307,3 +309,58 @@ def test_ports_alone_sees_namespaces_made_after_start(agent_process) -> None:
         assert "host" in sizes
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def program_counters(metrics: dict, family: str, probe: str) -> dict[str, float]:
+    """program -> value of one of the nodetune_probe_bpf_* counters, for one probe."""
+    return {s.labels["program"]: s.value for s in metrics[family] if s.labels["probe"] == probe}
+
+
+@pytest.mark.bpf
+def test_bpf_stats_show_what_each_probe_program_costs_and_stop_with_the_agent(
+    agent_process, header_cache: Path
+) -> None:
+    """--bpf-stats: the connect probe's programs count the runs of a known number of loopback
+    connects; once the agent is gone the kernel no longer times programs (the sysctl was off)."""
+    assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "0", "the test needs the sysctl off"
+    agent = agent_process("--bpf-stats", "--probes", "connect,runqlat", "--collectors", "none")
+    before = agent.metrics()
+    assert before["nodetune_probe_bpf_stats_enabled"][0].value == 1
+    connects = 200
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for _ in range(connects):
+            with socket.create_connection(listener.getsockname()) as client:
+                listener.accept()[0].close()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    after = agent.metrics()
+    runs = {
+        p: program_counters(after, "nodetune_probe_bpf_runs", "connect")[p] - n
+        for p, n in program_counters(before, "nodetune_probe_bpf_runs", "connect").items()
+    }
+    seconds = {
+        p: program_counters(after, "nodetune_probe_bpf_run_seconds", "connect")[p] - s
+        for p, s in program_counters(before, "nodetune_probe_bpf_run_seconds", "connect").items()
+    }
+    # Each connect passes CLOSE->SYN_SENT->ESTABLISHED on the client and more on both sides' close.
+    assert runs and all(n >= 2 * connects for n in runs.values()), runs
+    assert all(0 < seconds[p] / runs[p] < 100e-6 for p in runs), (seconds, runs)
+    assert program_counters(after, "nodetune_probe_bpf_runs", "runqlat")  # every loaded probe is listed
+    assert all(s.value == 0 for s in after["nodetune_probe_bpf_recursion_misses"] if s.labels["probe"] == "connect"), (
+        after["nodetune_probe_bpf_recursion_misses"]
+    )
+
+    # The agent held the only stats fd: when it exits, a program of ours is no longer timed.
+    KernelFacts(cache_dir=header_cache).headers.apply_env()
+    from bcc import BPF
+
+    bpf = BPF(text=b"int noop(void *ctx) { return 0; }")
+    try:
+        fd = bpf.load_func(b"noop", BPF.RAW_TRACEPOINT).fd
+        bpfsys.prog_test_run_raw_tp(fd, (0,))
+        assert bpfsys.prog_stats(fd).run_cnt == 1  # timed while the agent runs
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=15) == 0
+        bpfsys.prog_test_run_raw_tp(fd, (0,))
+        assert bpfsys.prog_stats(fd).run_cnt == 1
+    finally:
+        bpf.cleanup()

@@ -156,11 +156,14 @@ def enable_run_time_stats() -> int:
 
 @dataclass(frozen=True)
 class ProgStats:
-    run_time_ns: int  # kept only while run-time stats are enabled (sysctl or a held fd)
-    run_cnt: int  # likewise
-    recursion_misses: (
-        int  # always kept (kernel >= 5.12): runs skipped because the program was already running on that CPU
-    )
+    """What the kernel counts for one program. ``run_time_ns`` and ``run_cnt`` move only while
+    run-time stats are on (the sysctl or a held ``enable_run_time_stats`` fd);
+    ``recursion_misses`` (kernel >= 5.12) always: runs skipped because the program was already
+    running on that CPU."""
+
+    run_time_ns: int
+    run_cnt: int
+    recursion_misses: int
 
 
 def prog_stats(fd: int, proc: str = "/proc/self") -> ProgStats | None:

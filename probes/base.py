@@ -178,11 +178,15 @@ def _detach_kprobe(bpf: Any, ev_name: bytes, fn_name: bytes) -> None:
         del bpf.kprobe_fds[ev_name]
 
 
-def detach_kprobes(bpf: Any) -> None:
-    """Detach every kprobe and kretprobe of ``bpf`` (see ``_detach_kprobe``)."""
+def detach_kprobes(bpf: Any) -> list[tuple[bytes, bytes]]:
+    """Detach every kprobe and kretprobe of ``bpf`` (see ``_detach_kprobe``); their (event, function)
+    names, the event of a kretprobe starting with ``r_`` as BCC names it."""
+    detached = []
     for ev_name, fns in list(bpf.kprobe_fds.items()):
         for fn_name in list(fns):
             _detach_kprobe(bpf, ev_name, fn_name)
+            detached.append((ev_name, fn_name))
+    return detached
 
 
 def detach_hooks(bpf: Any) -> Hooks:
@@ -196,10 +200,8 @@ def detach_hooks(bpf: Any) -> Hooks:
     for tp in list(bpf.tracepoint_fds):
         bpf.detach_tracepoint(tp=tp)
         hooks.append(("tracepoint", _AUTO_PREFIX["tracepoint"] + tp.replace(b":", b"__")))
-    for ev_name, fns in list(bpf.kprobe_fds.items()):
-        for fn_name in list(fns):
-            _detach_kprobe(bpf, ev_name, fn_name)
-            hooks.append(("kretprobe" if ev_name.startswith(b"r_") else "kprobe", fn_name))
+    for ev_name, fn_name in detach_kprobes(bpf):
+        hooks.append(("kretprobe" if ev_name.startswith(b"r_") else "kprobe", fn_name))
     for fn_name in list(bpf.kfunc_entry_fds):
         bpf.detach_kfunc(fn_name=fn_name)
         hooks.append(("kfunc", fn_name))

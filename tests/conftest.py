@@ -5,7 +5,7 @@ BPF tests are marked ``bpf``. They skip when not root or BCC is missing, except 
 
 Tests marked ``tracing`` need fentry/fexit or kprobes, which the development kernel refuses: they
 are deselected here and run inside a stock Debian kernel booted under qemu
-(``tests/test_stock_kernel.py``, which sets ``NODETUNE_IN_TEST_VM=1`` there and checks that every
+(``tests/test_kernel_vm.py``, which sets ``NODETUNE_IN_TEST_VM=1`` there and checks that every
 one of them passed).
 """
 
@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tracing = [item for item in items if item.get_closest_marker("tracing")]
     if tracing:
         config.hook.pytest_deselected(items=tracing)
-        items[:] = [item for item in items if not item.get_closest_marker("tracing")]
+        items[:] = [item for item in items if item not in tracing]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -19,7 +19,7 @@ from tests.netns import Netns
 from tests.probes.test_runqlat import IdLabeler
 
 # Hooked strategies (fentry/fexit, kprobes): the development kernel refuses them, so their tests
-# run in the stock-kernel guest (marker "tracing", tests/test_stock_kernel.py).
+# run in the stock-kernel guest (marker "tracing", tests/test_kernel_vm.py).
 TRACED = [pytest.param(FEXIT, marks=pytest.mark.tracing), pytest.param(KPROBE, marks=pytest.mark.tracing)]
 EVERY = [STATE, STATE_SOCKOPS, *TRACED]
 

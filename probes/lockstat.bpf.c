@@ -12,7 +12,9 @@
  *   - a waiter that spins (LCB_F_SPIN without LCB_F_MUTEX: spinlocks, rwlocks) runs with
  *     preemption disabled on one CPU until contention_end, but an interrupt, softirq or NMI on that
  *     CPU can contend on another lock meanwhile (qspinlock keeps 4 MCS nodes per CPU for exactly
- *     these contexts, kernel/locking/qspinlock.c): a per-CPU stack of SPIN_DEPTH frames;
+ *     these contexts, kernel/locking/qspinlock.c): a per-CPU stack of SPIN_DEPTH frames, each
+ *     with the stretch of the CPU it began in (cpu_epoch), so that frames whose end the kernel's
+ *     recursion guard skipped are dropped, not matched seconds later (contention_end);
  *   - a sleeping lock's waiter (mutex, rwsem, rtmutex, percpu-rwsem, semaphore) can be preempted
  *     and woken on another CPU: a slot of its own in a shared array (struct sleeper). A mutex
  *     announces its optimistic spin (LCB_F_MUTEX|LCB_F_SPIN) and then, without an end in
@@ -31,8 +33,8 @@
  * held.
  *
  * Spinning waits are timed within a budget per CPU (see struct budget): below it every wait is
- * timed, above it 1 in 2^k is, and counts for 2^k. Waits that sleep are always timed, and
- * contentions are always counted exactly.
+ * timed, above it 1 in 2^k is, and counts for 2^k. Waits that sleep or last across a tick are
+ * always timed, and contentions are always counted exactly.
  */
 
 #define LCB_F_SPIN (1U << 0)
@@ -88,11 +90,41 @@ struct wait {
     u32 weight;  /* timed: the contentions it stands for (2^shift); 0: not timed */
 };
 
+/* A spinning wait, and the stretch of this CPU it began in (see cpu_epoch). */
+struct spin_frame {
+    struct wait w;
+    u64 task;
+    u64 switches;
+};
+
 struct spin_stack {
-    struct wait f[SPIN_DEPTH];
+    struct spin_frame f[SPIN_DEPTH];
     u32 depth;
     u32 pad;
 };
+
+/*
+ * The stretch of this CPU a spinning wait lives in: the current task (an interrupt runs on the
+ * task it interrupts) and how many times that task has been switched out (nvcsw + nivcsw, counted
+ * by __schedule() for the task it switches from). Neither changes between a spinning waiter's
+ * begin and end: it runs with preemption off, and an interrupt returns to where it came from. A
+ * frame from another stretch was left by a context that is gone, without its end.
+ */
+static __always_inline void cpu_epoch(u64 *task, u64 *switches)
+{
+#ifdef TASK_BTF
+    void *t = (void *)bpf_get_current_task_btf();
+    *task = (u64)t;
+    *switches = *(u64 *)(t + TASK_NVCSW_OFF) + *(u64 *)(t + TASK_NIVCSW_OFF);
+#else
+    void *t = (void *)bpf_get_current_task();
+    u64 nv = 0, niv = 0;
+    bpf_probe_read_kernel(&nv, sizeof(nv), t + TASK_NVCSW_OFF);
+    bpf_probe_read_kernel(&niv, sizeof(niv), t + TASK_NIVCSW_OFF);
+    *task = (u64)t;
+    *switches = nv + niv;
+#endif
+}
 
 struct frames {
     u64 ip[MAX_FRAMES];
@@ -132,6 +164,20 @@ BPF_PERCPU_ARRAY(lockstat_frames, struct frames, 1);
  * waits are estimates from a random sample. Waits that sleep are timed regardless (a context
  * switch dwarfs the clock reads). TIMED_PER_WINDOW 0: no budget.
  *
+ * Waits that last across a tick are all timed too, whatever the sample said: at contention_end
+ * the jiffies (a plain load) tell whether one passed, and only then is the clock read. These are
+ * the long waits (every wait of a tick or more, and a wait of d < 1 tick with probability
+ * d/tick), few (about HZ per second per CPU at most, times the share of time spent waiting), and
+ * the ones whose sampling made the wait totals swing: a few spins of 4 to 8 ms across a
+ * preempted vCPU held a fifth of the wait, and timed at 1 in 32 they were counted 0 or 32 times
+ * (README, Timing budget). An untimed wait has no begin time of its own: it takes the CPU's last
+ * clock reading before its begin (struct budget's clock), at most a tick old (the window check
+ * reads the clock at the first contention of every tick), and over the budget refreshed by the
+ * timed waits. Its wait is overestimated by that age: 130 to 170 us on average on the pipe
+ * workload, which with the rest puts the wait totals 2 to 10 % high (README, Timing budget).
+ * Otherwise the estimate stays stratified and unbiased: a wait that crosses a tick counts once,
+ * timed; one that does not counts 2^shift times if sampled, else not at all.
+ *
  * The window is followed without a clock read per event: bpf_jiffies64() (a plain load, ~2.5 ns)
  * says when a tick passed, and only then is the clock read. (bpf_ktime_get_coarse_ns() would do
  * it in one step, but tracing programs may not call it: it is not NMI-safe; the kernel's
@@ -147,6 +193,7 @@ struct budget {
     u64 shift;  /* it times 1 in 2^shift contentions */
     u64 rng;    /* xorshift64 state (next_random) */
     u64 untimed; /* contentions not timed, over the probe's life (read by user space) */
+    u64 clock;   /* the last clock reading on this CPU: no later than any wait begun after it */
     u64 count[NTYPES]; /* per lock type: unsampled contentions not yet given to a caller */
     u64 ns[NTYPES];    /* and their wait */
 };
@@ -308,6 +355,7 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
     if (b->tick != tick) { /* a tick passed: maybe a new window */
         b->tick = tick;
         ts = bpf_ktime_get_ns();
+        b->clock = ts;
         u64 window = ts / WINDOW_NS;
         if (b->window != window)
             next_window(b, window);
@@ -334,8 +382,10 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
      * waiter more often finds the lock free. Read after the probe's work, sub-microsecond waits
      * came out 25 to 40 % shorter when timed than when not (a bias on every estimate).
      */
-    if (weight && !ts)
+    if (weight && !ts) {
         ts = bpf_ktime_get_ns();
+        b->clock = ts;
+    }
     w->crow = NO_ROW;
     w->sampled = 0;
     /* Stack walks (2.5 us) go to untimed waits while there are any, so as not to delay timed ones. */
@@ -343,13 +393,15 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
         b->walks++;
         w->sampled = 1;
         w->crow = caller_row(ctx, type);
-        if (weight)
+        if (weight) {
             ts = bpf_ktime_get_ns(); /* the wait is the lock's, not the walk's */
+            b->clock = ts;
+        }
     }
     w->type = type;
     w->tick = tick;
     w->weight = weight;
-    w->ts = ts;
+    w->ts = weight ? ts : b->clock; /* untimed: a bound, for a wait that crosses a tick */
     w->lock = lock; /* last: the slot is complete */
 }
 
@@ -362,27 +414,40 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
  */
 static __always_inline void goes_to_sleep(struct wait *w)
 {
-    if (!w->weight)
+    if (!w->weight) {
         w->ts = bpf_ktime_get_ns();
+        u32 zero = 0;
+        struct budget *b = lockstat_budget.lookup(&zero);
+        if (b)
+            b->clock = w->ts;
+    }
     w->weight = 1;
 }
 
-/* Account a wait at contention_end: the clock is read only for a timed one. */
+/* Account a wait at contention_end: the clock is read only for a timed one, or one that lasted
+ * across a tick (see struct budget). */
 static __always_inline void finish_wait(struct wait *w)
 {
     u64 ns = 0;
     u64 weight = w->weight;
     u32 type = w->type;
+    u32 zero = 0;
+    struct budget *b = lockstat_budget.lookup(&zero);
+    if (bpf_jiffies64() != w->tick) {
+        if (!weight)
+            count_stat(STAT_TICK_TIMED);
+        weight = 1;
+    }
     if (weight) {
         u64 now = bpf_ktime_get_ns();
+        if (b)
+            b->clock = now;
         ns = now > w->ts ? now - w->ts : 0;
         struct hist_row *h = lock_contention_wait_seconds.lookup(&type);
         if (h)
             hist_add_n(h->w, ns, weight);
         ns *= weight; /* from here on: the wait this contention stands for */
     }
-    u32 zero = 0;
-    struct budget *b = lockstat_budget.lookup(&zero);
     if (b && !weight)
         b->untimed++;
     u32 t = type;
@@ -434,11 +499,16 @@ RAW_TRACEPOINT_PROBE(contention_begin)
         u32 d = s->depth;
         if (d > SPIN_DEPTH)
             d = 0;
-        /* Frames are pushed in time order: a stale top (its end skipped by the kernel's recursion
-         * guard for BPF programs) means every frame is stale. */
+        u64 task, switches;
+        cpu_epoch(&task, &switches);
+        /* Frames are pushed in time order: a top from another stretch of this CPU, or a stale
+         * one (its end skipped by the kernel's recursion guard for BPF programs, see
+         * contention_end), means every frame is left over. */
         u32 top = d - 1;
         asm volatile("" : "+r"(top));
-        if (d && top < SPIN_DEPTH && tick - s->f[top].tick >= STALE_TICKS) {
+        if (d && top < SPIN_DEPTH &&
+            (s->f[top].task != task || s->f[top].switches != switches ||
+             tick - s->f[top].w.tick >= STALE_TICKS)) {
             count_stat(STAT_END_MISSED);
             d = 0;
         }
@@ -447,10 +517,25 @@ RAW_TRACEPOINT_PROBE(contention_begin)
             count_stat(STAT_SPIN_NESTING);
             return 0;
         }
-        s->depth = d + 1;
         asm volatile("" : "+r"(d)); /* keep the bound check next to the access (see hist_add) */
-        if (d < SPIN_DEPTH)
-            start_wait(ctx, &s->f[d], lock, tick, type, 1);
+        if (d >= SPIN_DEPTH)
+            return 0;
+        /*
+         * An interrupt or NMI can contend while this program runs. The kernel then skips the
+         * nested begin (this program is running: bpf_prog->active, kernel/trace/bpf_trace.c) but
+         * runs its end, which searches this stack. So the frame is emptied before it is pushed
+         * (what an earlier wait left in it, popped without being emptied, must not match that
+         * end: it would be accounted from that wait's begin, a second ago), and filled once
+         * pushed (a begin nested in contention_end, whose own end is skipped, goes above it).
+         */
+        struct spin_frame *f = &s->f[d];
+        f->w.lock = 0;
+        asm volatile("" ::: "memory");
+        s->depth = d + 1;
+        asm volatile("" ::: "memory");
+        f->task = task;
+        f->switches = switches;
+        start_wait(ctx, &f->w, lock, tick, type, 1);
         return 0;
     }
     u64 me = bpf_get_current_task();
@@ -482,33 +567,60 @@ RAW_TRACEPOINT_PROBE(contention_end)
     u64 lock = ctx->args[0];
     u32 zero = 0;
     struct spin_stack *s = lockstat_spin.lookup(&zero);
-    if (s) {
-        u32 d = s->depth;
-        if (d > SPIN_DEPTH)
-            d = SPIN_DEPTH;
-        /* Nearly always the top frame; deeper only if an end was missed above it. */
-        for (u32 i = 1; i <= SPIN_DEPTH; i++) {
-            if (i > d)
+    if (!s)
+        return 0; /* never: a one-entry array */
+    /*
+     * An interrupt or NMI that contends while this program runs has its begin seen (pushed on
+     * this CPU's stack) and its end skipped (this program is running: bpf_prog->active,
+     * kernel/trace/bpf_trace.c). Left there, such a frame would be taken by a later end of the
+     * same lock whose own begin was skipped the same way, and accounted from its begin, seconds
+     * before (seen here: spinlock waits of 0.9 and 1.6 s). So the stack is put back, at the
+     * end, to the depth this program found, less the frame it popped: whatever was pushed
+     * meanwhile lost its end.
+     */
+    u32 d = s->depth;
+    if (d > SPIN_DEPTH)
+        d = SPIN_DEPTH;
+    u32 depth = d;
+    int found = 0;
+    /* Nearly always the top frame; deeper only if an end was missed above it. */
+    for (u32 i = 1; i <= SPIN_DEPTH; i++) {
+        if (i > d)
+            break;
+        u32 at = d - i;
+        asm volatile("" : "+r"(at));
+        if (at >= SPIN_DEPTH)
+            break;
+        struct spin_frame *f = &s->f[at];
+        if (f->w.lock == lock) {
+            u64 task, switches;
+            cpu_epoch(&task, &switches);
+            if (f->task != task || f->switches != switches) {
+                /* Left by a context that is gone: so is everything pushed after it. This end's
+                 * begin was skipped (nested in contention_begin). */
+                count_stat(STAT_END_MISSED);
+                depth = 0;
                 break;
-            u32 at = d - i;
-            asm volatile("" : "+r"(at));
-            if (at >= SPIN_DEPTH)
-                break;
-            struct wait *f = &s->f[at];
-            if (f->lock == lock) {
-                s->depth = d - i;
-                if (i > 1)
-                    count_stat(STAT_END_MISSED);
-                finish_wait(f);
-                return 0;
             }
+            if (i > 1)
+                count_stat(STAT_END_MISSED);
+            finish_wait(&f->w); /* before it is popped: a nested begin meanwhile goes above it */
+            depth = at;
+            found = 1;
+            break;
         }
     }
-    u64 me = bpf_get_current_task();
-    struct sleeper *sl = my_sleeper(me);
-    if (sl && sl->w.lock == lock) {
-        finish_wait(&sl->w);
-        sl->owner = 0; /* after the wait is accounted: the slot is free */
+    if (!found) {
+        u64 me = bpf_get_current_task();
+        struct sleeper *sl = my_sleeper(me);
+        if (sl && sl->w.lock == lock) {
+            finish_wait(&sl->w);
+            sl->owner = 0; /* after the wait is accounted: the slot is free */
+        }
     }
+    asm volatile("" ::: "memory");
+    if (s->depth > d)
+        count_stat(STAT_END_MISSED);
+    s->depth = depth;
     return 0;
 }

@@ -14,7 +14,11 @@ Exported:
 * ``nodetune_workload_lock_wait_seconds_total{<workload labels>,lock_type}``;
 * ``nodetune_lock_contentions_untimed_total``: contentions over the timing budget
   (``--lockstat-timed-waits`` per second per CPU), counted exactly but not timed; the timed
-  ones stand for them in the waits (``lockstat.bpf.c``, struct budget).
+  ones stand for them in the waits (``lockstat.bpf.c``, struct budget). Waits that last across
+  a tick are timed regardless.
+
+Also from BTF: ``task_struct``'s context-switch counts, which tell a spinning wait's frame from
+one left over by a context whose end the kernel skipped (``lockstat.bpf.c`` cpu_epoch).
 
 ``lock_type`` from the tracepoint's flags (include/trace/events/lock.h LCB_F_*; perf's names in
 brackets): SPIN ``spinlock``; SPIN|READ ``rwlock_read`` (rwlock:R); SPIN|WRITE ``rwlock_write``;
@@ -33,6 +37,7 @@ from prometheus_client.metrics_core import Metric
 
 from probes import bpfsys
 from probes.base import Probe
+from probes.btf import BTFError
 from probes.families import CompactHistogram, CompactScalar
 from probes.histogram import NSLOTS, ROW_WORDS
 from probes.kallsyms import KernelSymbols
@@ -58,6 +63,7 @@ CALLERS = "lock_callers"
 WORKLOAD = "workload_lock_wait_seconds"
 SPIN_DEPTH = 4  # task, softirq, hardirq, NMI: qspinlock's per-CPU MCS nodes (MAX_NODES)
 MAX_FRAMES = 12  # the caller was at frame 3..7 in every contention seen here (README)
+SWITCH_COUNTS = ("nvcsw", "nivcsw")  # task_struct: times switched out, voluntarily and not
 LOCK_TEXT = ("__sched_text_start", "__lock_text_end")  # adjacent sections: sched text, then lock text
 OTHER = "other"
 UNKNOWN = "unknown"  # a caller address outside every known symbol
@@ -103,7 +109,10 @@ class LockstatProbe(Probe):
         ),
     )
     stat_reasons = ("spin_nesting", "sleeper_slots_full")
-    info_stats = ("end_missed",)  # a frame dropped because its end never came (recursion guard)
+    info_stats = (
+        "end_missed",  # a frame dropped because its end never came (recursion guard)
+        "tick_timed",  # an unsampled wait timed because it lasted across a tick
+    )
 
     def __init__(self, *args: object, symbols: KernelSymbols | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -126,18 +135,35 @@ class LockstatProbe(Probe):
             return f"no {LOCK_TEXT[0]}/{LOCK_TEXT[1]} in /proc/kallsyms (kptr_restrict, or not root)"
         return start, end
 
+    def _switch_counts(self) -> list[str] | str:
+        """The -D offsets of task_struct's context-switch counts (lockstat.bpf.c cpu_epoch), or why
+        there are none."""
+        btf = self.kernel.btf
+        if btf is None:
+            return "no kernel BTF"
+        try:
+            return [f"-DTASK_{name.upper()}_OFF={btf.member('task_struct', name).offset}" for name in SWITCH_COUNTS]
+        except BTFError as e:
+            return f"no task_struct context-switch counts in BTF: {e}"
+
     def unsupported(self, strategy: str) -> str | None:
         btf = self.kernel.btf
         if btf is None or not btf.has_function("__traceiter_contention_begin"):
             return "no lock:contention_begin tracepoint (kernel < 5.19, or no BTF to tell)"
-        text = self._lock_text()
-        return text if isinstance(text, str) else None
+        for why in (self._lock_text(), self._switch_counts()):
+            if isinstance(why, str):
+                return why
+        return None
 
     def cflags(self, strategy: str) -> list[str]:
         text = self._lock_text()
         if isinstance(text, str):
             raise ValueError(text)
+        switch_counts = self._switch_counts()
+        if isinstance(switch_counts, str):
+            raise ValueError(switch_counts)
         return [
+            *switch_counts,
             f"-DNTYPES={len(LOCK_TYPES)}",
             *(f"-DLT_{t.upper()}={i}" for i, t in enumerate(LOCK_TYPES)),
             f"-DSPIN_DEPTH={SPIN_DEPTH}",

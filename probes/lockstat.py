@@ -207,6 +207,14 @@ class LockstatProbe(Probe):
         table = self.table("lockstat_budget")
         return sum(cpu.untimed for cpu in table[table.Key(0)])
 
+    def pending(self) -> dict[str, int]:
+        """Lock type -> contentions counted but not yet given to a caller, summed over CPUs: over
+        the stack-walk budget they wait in their CPU's pool until its next walked contention of
+        that type ends (lockstat.bpf.c, struct budget). The caller counts lag by this much."""
+        table = self.table("lockstat_budget")
+        cpus = table[table.Key(0)]
+        return {lock_type: sum(cpu.count[i] for cpu in cpus) for i, lock_type in enumerate(LOCK_TYPES)}
+
     def histograms(self) -> dict[str, tuple[list[int], int]]:
         """Lock type -> (slot counts, sum of waits in ns)."""
         rows = self._per_type(HIST, ROW_WORDS)

@@ -120,6 +120,16 @@ def test_settings_are_validated(tmp_path: Path) -> None:
 # --- on the real kernel --------------------------------------------------------------------------
 
 
+def median_slot(slots: list[int]) -> int:
+    """The histogram slot holding the median observation (slot s: (2^(s-1), 2^s] us)."""
+    total, seen = sum(slots), 0
+    for s, n in enumerate(slots):
+        seen += n
+        if 2 * seen >= total:
+            return s
+    raise ValueError("an empty histogram has no median")
+
+
 def loaded(cache: Path, cgroup2: Path, strategy: str = STATE) -> ConnectProbe:
     probe = ConnectProbe(KernelFacts(cache_dir=cache, cgroup2_root=cgroup2), IdLabeler(), only_strategies=[strategy])
     probe.load()
@@ -250,8 +260,15 @@ def test_crowded_range_searches_slower_and_others_are_not_charged(
     assert all(r[FAILURES_WORD] == 0 for r in rows.values())
     mean_crowded = rows["crowded"][NSLOTS] / 20
     mean_empty = rows["empty"][NSLOTS] / 20
-    print(f"{strategy}: port search crowded {mean_crowded / 1e3:.1f} us vs empty {mean_empty / 1e3:.1f} us")
-    assert mean_crowded > 3 * mean_empty
+    medians = {name: median_slot(rows[name][:NSLOTS]) for name in ("crowded", "empty")}
+    print(
+        f"{strategy}: port search crowded {mean_crowded / 1e3:.1f} us vs empty {mean_empty / 1e3:.1f} us;"
+        f" median buckets le {2 ** medians['crowded']} us vs le {2 ** medians['empty']} us"
+    )
+    # Medians, not means: one connect preempted for 200 us (a noisy VM) moves a mean of 20 by 10 us
+    # (CI once read 32.2 against 12.7 us). Two slots apart, the crowded median is over twice the
+    # empty one.
+    assert medians["crowded"] >= medians["empty"] + 2
 
 
 @pytest.mark.bpf

@@ -199,6 +199,15 @@ struct budget {
 };
 BPF_PERCPU_ARRAY(lockstat_budget, struct budget, 1);
 
+/* The clock, kept as this CPU's last reading (struct budget's clock) for the untimed waits. */
+static __always_inline u64 read_clock(struct budget *b)
+{
+    u64 now = bpf_ktime_get_ns();
+    if (b)
+        b->clock = now;
+    return now;
+}
+
 /*
  * Sleeping waiters' slots: one array shared by all CPUs, SLEEPER_SLOTS (a power of two) of them.
  * A task's slot is found by hashing its address and probing SLEEPER_PROBES consecutive slots; an
@@ -354,8 +363,7 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
         return; /* never: a one-entry array */
     if (b->tick != tick) { /* a tick passed: maybe a new window */
         b->tick = tick;
-        ts = bpf_ktime_get_ns();
-        b->clock = ts;
+        ts = read_clock(b);
         u64 window = ts / WINDOW_NS;
         if (b->window != window)
             next_window(b, window);
@@ -382,10 +390,8 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
      * waiter more often finds the lock free. Read after the probe's work, sub-microsecond waits
      * came out 25 to 40 % shorter when timed than when not (a bias on every estimate).
      */
-    if (weight && !ts) {
-        ts = bpf_ktime_get_ns();
-        b->clock = ts;
-    }
+    if (weight && !ts)
+        ts = read_clock(b);
     w->crow = NO_ROW;
     w->sampled = 0;
     /* Stack walks (2.5 us) go to untimed waits while there are any, so as not to delay timed ones. */
@@ -393,10 +399,8 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
         b->walks++;
         w->sampled = 1;
         w->crow = caller_row(ctx, type);
-        if (weight) {
-            ts = bpf_ktime_get_ns(); /* the wait is the lock's, not the walk's */
-            b->clock = ts;
-        }
+        if (weight)
+            ts = read_clock(b); /* the wait is the lock's, not the walk's */
     }
     w->type = type;
     w->tick = tick;
@@ -415,11 +419,9 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
 static __always_inline void goes_to_sleep(struct wait *w)
 {
     if (!w->weight) {
-        w->ts = bpf_ktime_get_ns();
         u32 zero = 0;
         struct budget *b = lockstat_budget.lookup(&zero);
-        if (b)
-            b->clock = w->ts;
+        w->ts = read_clock(b);
     }
     w->weight = 1;
 }
@@ -439,9 +441,7 @@ static __always_inline void finish_wait(struct wait *w)
         weight = 1;
     }
     if (weight) {
-        u64 now = bpf_ktime_get_ns();
-        if (b)
-            b->clock = now;
+        u64 now = read_clock(b);
         ns = now > w->ts ? now - w->ts : 0;
         struct hist_row *h = lock_contention_wait_seconds.lookup(&type);
         if (h)

@@ -44,13 +44,13 @@ def series(metrics: dict, cgroup: str) -> dict[str, float]:
     return out
 
 
-def p99(after: dict[str, float], before: dict[str, float]) -> float:
-    """Upper bound of the bucket holding the 99th percentile of the interval (histogram_quantile's bracket)."""
+def quantile(q: float, after: dict[str, float], before: dict[str, float]) -> float:
+    """Upper bound of the bucket holding quantile q of the interval (histogram_quantile's bracket)."""
     bounds = sorted((float(le), after[le] - before.get(le, 0.0)) for le in after if le not in ("sum", "count"))
     total = bounds[-1][1]
     assert total > 0
     for bound, cumulative in bounds:
-        if cumulative >= 0.99 * total:
+        if cumulative >= q * total:
             return bound
     return float("inf")
 
@@ -74,10 +74,14 @@ def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, ma
     b0, b1 = series(before, busy.rel), series(after, busy.rel)
     i0, i1 = series(before, idle.rel), series(after, idle.rel)
     assert b1 and i1, "both test cgroups export a series with cgroup=<path>"
-    busy_p99, idle_p99 = p99(b1, b0), p99(i1, i0)
-    print(f"busy p99 <= {busy_p99:g}s, idle p99 <= {idle_p99:g}s")
-    assert busy_p99 >= 1e-3, f"busy p99 {busy_p99}"
-    assert busy_p99 >= 8 * idle_p99, f"busy p99 {busy_p99} vs idle p99 {idle_p99}"
+    busy_p50, busy_p99 = quantile(0.5, b1, b0), quantile(0.99, b1, b0)
+    idle_p90, idle_p99 = quantile(0.9, i1, i0), quantile(0.99, i1, i0)
+    print(f"busy p50 <= {busy_p50:g}s p99 <= {busy_p99:g}s, idle p90 <= {idle_p90:g}s p99 <= {idle_p99:g}s")
+    # Half the busy waits outlast a millisecond (each task waits out the others' slices); nine in ten
+    # of the sleeper's are within a few µs. Not the sleeper's p99: its CPU also runs the agent and
+    # pytest, and a scrape there delayed 1 % of its wakeups by 2-4 ms once (p99 4 ms against busy's 16).
+    assert busy_p50 >= 1e-3, f"busy p50 {busy_p50}"
+    assert busy_p50 >= 64 * idle_p90, f"busy p50 {busy_p50} vs idle p90 {idle_p90}"
 
     probe_s = b1["sum"] - b0["sum"]
     kernel_s = (delay_after - delay_before) / 1e9

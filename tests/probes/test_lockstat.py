@@ -6,6 +6,7 @@ import gzip
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -238,6 +239,9 @@ def test_agrees_with_perf_lock_contention_on_a_pipe_workload(header_cache: Path,
     assert stats["sleeper_slots_full"] == 0 and stats["spin_nesting"] == 0
 
 
+WINDOWS = 3  # of the budget test: its wait total is judged by the median ratio of these
+
+
 @pytest.mark.bpf
 def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Path) -> None:
     """Two probes on the same pipe workload (about 500,000 contentions per second on 2 CPUs): one
@@ -250,54 +254,62 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
     sample said: its histogram above a tick counts what the first's does, not 0 or 2^k times as
     many. They are what made its wait total swing (about 20 spins of 4 to 8 ms across a preempted
     vCPU hold a fifth of the wait): timed at 1 in 32 they gave 0.70 to 2.2 times the exact total
-    over 2 s; timed all, 0.96 to 1.11 (README, Timing budget: the estimate runs 2 to 10 % high)."""
+    over 2 s; timed all, 0.96 to 1.11 on a quiet machine, and now and then 1.25 on a busy one
+    (waits of a fraction of a tick are still drawn). So the total is judged by the median of
+    three 2 s windows (README, Timing budget)."""
     exact = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=0)
     sampled = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=10_000)
-    exact.load()
+    probes = (exact, sampled)
+    snapshots = []
+    exact.load()  # first: the order matters to a few per cent (README, How close the estimates are)
     try:
         sampled.load()
         try:
-            probes = (exact, sampled)
-            before = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
-            tick_timed = sampled.read_stats()["tick_timed"]
-            subprocess.run([sys.executable, "-m", "tests.contention", "2", "6"], cwd=REPO, check=True)
-            after = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
-            tick_timed = sampled.read_stats()["tick_timed"] - tick_timed
+            for _ in range(WINDOWS):
+                before = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
+                tick_timed = sampled.read_stats()["tick_timed"]
+                subprocess.run([sys.executable, "-m", "tests.contention", "2", "6"], cwd=REPO, check=True)
+                after = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
+                snapshots.append((before, after, sampled.read_stats()["tick_timed"] - tick_timed))
         finally:
             sampled.close()
     finally:
         exact.close()
-    # Every contention counted: by caller, or still in a CPU's pool for its next walked one.
-    by_caller = [type_counts(window(p, b[0], a[0])) for p, b, a in zip(probes, before, after, strict=True)]
-    counts = [
-        {t: n for t in LOCK_TYPES if (n := c.get(t, 0) + a[3][t] - b[3][t])}
-        for c, b, a in zip(by_caller, before, after, strict=True)
-    ]
-    mutex = [sum(a[1]["mutex"][0]) - sum(b[1]["mutex"][0]) for b, a in zip(before, after, strict=True)]
-    wait = [(a[1]["mutex"][1] - b[1]["mutex"][1]) / 1e9 for b, a in zip(before, after, strict=True)]
-    first = [a[1]["mutex"][0][0] - b[1]["mutex"][0][0] for b, a in zip(before, after, strict=True)]
-    untimed = [a[2] - b[2] for b, a in zip(before, after, strict=True)]
     long = first_slot_over(tick_ns())
-    over_tick = [
-        sum(a[1][t][0][s] - b[1][t][0][s] for t in LOCK_TYPES for s in range(long, NSLOTS))
-        for b, a in zip(before, after, strict=True)
-    ]
-    print(
-        f"counts {counts}; mutex histogram count {mutex}, first bucket {first}, wait {wait} s; untimed {untimed};"
-        f" waits over a tick {over_tick} (slots >= {long}), timed for crossing a tick {tick_timed}"
-    )
-    assert counts[0]["mutex"] > 100_000, "the pipe workload made too little contention to sample"
-    for lock_type, n in counts[0].items():
-        assert abs(counts[1].get(lock_type, 0) - n) <= 0.01 * n + 2, lock_type  # both count each one
-    assert untimed[0] == 0
-    assert untimed[1] > 0.5 * sum(counts[1].values())
-    assert abs(mutex[0] - counts[0]["mutex"]) <= 0.01 * mutex[0]  # every wait timed: all counted
-    assert abs(mutex[1] - mutex[0]) <= 0.1 * mutex[0]
-    assert first[0] > 0.5 * mutex[0]
-    assert abs(first[1] - first[0]) <= 0.05 * first[0]
-    assert tick_timed > 0
-    assert abs(over_tick[1] - over_tick[0]) <= 2 + 0.1 * over_tick[0]
-    assert 0.85 * wait[0] <= wait[1] <= 1.25 * wait[0]
+    ratios = []
+    for before, after, tick_timed in snapshots:
+        # Every contention counted: by caller, or still in a CPU's pool for its next walked one.
+        by_caller = [type_counts(window(p, b[0], a[0])) for p, b, a in zip(probes, before, after, strict=True)]
+        counts = [
+            {t: n for t in LOCK_TYPES if (n := c.get(t, 0) + a[3][t] - b[3][t])}
+            for c, b, a in zip(by_caller, before, after, strict=True)
+        ]
+        mutex = [sum(a[1]["mutex"][0]) - sum(b[1]["mutex"][0]) for b, a in zip(before, after, strict=True)]
+        wait = [(a[1]["mutex"][1] - b[1]["mutex"][1]) / 1e9 for b, a in zip(before, after, strict=True)]
+        first = [a[1]["mutex"][0][0] - b[1]["mutex"][0][0] for b, a in zip(before, after, strict=True)]
+        untimed = [a[2] - b[2] for b, a in zip(before, after, strict=True)]
+        over_tick = [
+            sum(a[1][t][0][s] - b[1][t][0][s] for t in LOCK_TYPES for s in range(long, NSLOTS))
+            for b, a in zip(before, after, strict=True)
+        ]
+        print(
+            f"counts {counts}; mutex histogram count {mutex}, first bucket {first}, wait {wait} s; untimed {untimed};"
+            f" waits over a tick {over_tick} (slots >= {long}), timed for crossing a tick {tick_timed}"
+        )
+        assert counts[0]["mutex"] > 100_000, "the pipe workload made too little contention to sample"
+        for lock_type, n in counts[0].items():
+            assert abs(counts[1].get(lock_type, 0) - n) <= 0.01 * n + 2, lock_type  # both count each one
+        assert untimed[0] == 0
+        assert untimed[1] > 0.5 * sum(counts[1].values())
+        assert abs(mutex[0] - counts[0]["mutex"]) <= 0.01 * mutex[0]  # every wait timed: all counted
+        assert abs(mutex[1] - mutex[0]) <= 0.1 * mutex[0]
+        assert first[0] > 0.5 * mutex[0]
+        assert abs(first[1] - first[0]) <= 0.05 * first[0]
+        assert tick_timed > 0
+        assert abs(over_tick[1] - over_tick[0]) <= 2 + 0.1 * over_tick[0]
+        ratios.append(wait[1] / wait[0])
+    print(f"wait total, budgeted / exact: {[round(r, 3) for r in ratios]}")
+    assert 0.85 <= statistics.median(ratios) <= 1.25
 
 
 def tick_ns() -> int:

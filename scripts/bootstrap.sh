@@ -4,7 +4,8 @@
 #   run:   python3-bpfcc, python3-venv, kernel headers if the host has none, the venv + package
 #   test:  run + promtool (Debian `prometheus`) + test extras + what the stock-kernel guest needs
 #          (qemu, busybox, kmod, cpio, Debian's generic kernel headers; the kernel image itself is
-#          downloaded and unpacked into /var/cache/nodetune-test by tests/kernel_vm.py --prepare)
+#          downloaded and unpacked into /var/cache/nodetune-test by tests/kernel_vm.py --prepare),
+#          gcc (bench/lock_storm.c, which a lockstat test runs too)
 #   bench: run + bpfcc-tools (runqlat-bpfcc) + linux-perf (perf bench) + gcc (the C storms)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ pkgs=(python3-bpfcc python3-venv)
 case "$what" in
   run) ;;
   test)
-    pkgs+=(prometheus linux-perf irqbalance qemu-system-x86 busybox-static kmod cpio)
+    pkgs+=(prometheus linux-perf irqbalance qemu-system-x86 busybox-static kmod cpio gcc libc6-dev)
     # The guest kernel is Debian's generic flavour (it has 9p and kprobes; -cloud has no 9p).
     if [ "$(. /etc/os-release && echo "$ID")" = debian ] && [ "$(dpkg --print-architecture)" = amd64 ]; then
       pkgs+=(linux-headers-amd64)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.lockstat_accuracy import CLASSES, TappedLockstat, tapped_window
 from probes.base import KernelFacts
 from probes.btf import BTFError, Member
 from probes.histogram import NSLOTS, slot_of
@@ -310,6 +311,35 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
         ratios.append(wait[1] / wait[0])
     print(f"wait total, budgeted / exact: {[round(r, 3) for r in ratios]}")
     assert 0.85 <= statistics.median(ratios) <= 1.25
+
+
+@pytest.mark.bpf
+def test_wait_totals_under_the_budget_match_the_truth_on_the_same_waits(header_cache: Path, tmp_path: Path) -> None:
+    """The budgeted probe against the truth on the same waits (bench/lockstat_accuracy.py's tap:
+    both programs also read the clock first thing, so each mutex wait is timed in full as well),
+    on bench/lock_storm.c: 1 to 3 million mutex contentions per second, a few of whose waiters
+    spin for milliseconds (an owner whose vCPU is preempted still looks on CPU) and then sleep.
+    Those spins were lost when the waiter was not drawn (estimate 0.89 to 0.99 of the truth,
+    median 0.923), or counted 2^k times when it was (up to 1.42); now 1.01 to 1.07. Median of
+    three runs within 0.98-1.12 (the previous program's medians here: 0.945 and 0.950). No such
+    check is possible between two probes (README, How close the estimates are)."""
+    binary = tmp_path / "lock_storm"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(REPO / "bench/lock_storm.c")], check=True)
+    probe = TappedLockstat(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=20_000)
+    probe.load()
+    try:
+        windows = [tapped_window(probe, [str(binary), "4", "500000"]) for _ in range(3)]
+        untimed = probe.untimed()
+    finally:
+        probe.close()
+    ratios = []
+    for classes in windows:
+        parts = zip(CLASSES, classes, strict=True)
+        print(" | ".join(f"{name}: {n} waits, {t:.4f} s, est {e:.4f} s" for name, (n, t, e) in parts))
+        ratios.append(sum(c[2] for c in classes) / sum(c[1] for c in classes))
+    print(f"estimate / truth: {[round(r, 3) for r in ratios]}")
+    assert untimed > 0.5 * sum(c[0] for w in windows for c in w), "the storm stayed under the budget: nothing sampled"
+    assert 0.98 <= statistics.median(ratios) <= 1.12
 
 
 def tick_ns() -> int:

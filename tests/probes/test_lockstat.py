@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.lockstat_accuracy import CLASSES, TappedLockstat, tapped_window
+from probes import bpfsys
 from probes.base import KernelFacts
 from probes.btf import BTFError, Member
 from probes.histogram import NSLOTS, slot_of
@@ -269,16 +270,21 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
             for _ in range(WINDOWS):
                 before = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
                 tick_timed = sampled.read_stats()["tick_timed"]
+                misses = sum(recursion_misses(p) for p in probes)
                 subprocess.run([sys.executable, "-m", "tests.contention", "2", "6"], cwd=REPO, check=True)
+                # The workload's exit contends on spinlocks (wakeups, mm teardown) for a while
+                # after: settled first, or one probe's read counts some the other's did not.
+                time.sleep(0.5)
                 after = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
-                snapshots.append((before, after, sampled.read_stats()["tick_timed"] - tick_timed))
+                misses = sum(recursion_misses(p) for p in probes) - misses
+                snapshots.append((before, after, sampled.read_stats()["tick_timed"] - tick_timed, misses))
         finally:
             sampled.close()
     finally:
         exact.close()
     long = first_slot_over(tick_ns())
     ratios = []
-    for before, after, tick_timed in snapshots:
+    for before, after, tick_timed, misses in snapshots:
         # Every contention counted: by caller, or still in a CPU's pool for its next walked one.
         by_caller = [type_counts(window(p, b[0], a[0])) for p, b, a in zip(probes, before, after, strict=True)]
         counts = [
@@ -295,11 +301,14 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
         ]
         print(
             f"counts {counts}; mutex histogram count {mutex}, first bucket {first}, wait {wait} s; untimed {untimed};"
-            f" waits over a tick {over_tick} (slots >= {long}), timed for crossing a tick {tick_timed}"
+            f" waits over a tick {over_tick} (slots >= {long}), timed for crossing a tick {tick_timed};"
+            f" recursion misses {misses}"
         )
         assert counts[0]["mutex"] > 100_000, "the pipe workload made too little contention to sample"
+        # Both count each one, but for the runs the kernel skipped: a contention in an interrupt
+        # while one probe's program runs on that CPU is seen by the other only.
         for lock_type, n in counts[0].items():
-            assert abs(counts[1].get(lock_type, 0) - n) <= 0.01 * n + 2, lock_type  # both count each one
+            assert abs(counts[1].get(lock_type, 0) - n) <= 0.01 * n + 2 + misses, lock_type
         assert untimed[0] == 0
         assert untimed[1] > 0.5 * sum(counts[1].values())
         assert abs(mutex[0] - counts[0]["mutex"]) <= 0.01 * mutex[0]  # every wait timed: all counted
@@ -340,6 +349,12 @@ def test_wait_totals_under_the_budget_match_the_truth_on_the_same_waits(header_c
     print(f"estimate / truth: {[round(r, 3) for r in ratios]}")
     assert untimed > 0.5 * sum(c[0] for w in windows for c in w), "the storm stayed under the budget: nothing sampled"
     assert 0.98 <= statistics.median(ratios) <= 1.12
+
+
+def recursion_misses(probe: LockstatProbe) -> int:
+    """Runs of the probe's programs the kernel skipped (the program was running on that CPU)."""
+    stats = (bpfsys.prog_stats(fd) for fd in probe.program_fds().values())
+    return sum(s.recursion_misses for s in stats if s)
 
 
 def tick_ns() -> int:

@@ -149,6 +149,13 @@ EMPTY_HOOKED = {
 }
 
 
+def build_storm(name: str, directory: Path) -> Path:
+    """``bench/<name>.c`` compiled with gcc into ``directory``."""
+    binary = directory / name
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(REPO / f"bench/{name}.c")], check=True)
+    return binary
+
+
 def storm_rate(binary: Path, *args: int) -> float:
     """Operations per second a storm (``bench/*_storm.c``) prints."""
     return float(subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, check=True).stdout)
@@ -289,9 +296,7 @@ def main() -> int:
         ab("lockstat", args.rounds, lock_arms, lambda: epoll_ops(args.seconds), True)
         per_event((probe(LockstatProbe),), lambda: epoll_ops(args.seconds))
         with tempfile.TemporaryDirectory() as tmp:
-            lock_storm = Path(tmp) / "lock_storm"
-            cc = ["gcc", "-O2", "-pthread", "-o", str(lock_storm), str(REPO / "bench/lock_storm.c")]
-            subprocess.run(cc, check=True)
+            lock_storm = build_storm("lock_storm", Path(tmp))
             print("\n### lockstat: lock storm, 4 threads on one epoll instance (epoll_ctl/s)")
             arms: dict[str, Arm] = {
                 "lockstat": (probe(LockstatProbe),),
@@ -305,9 +310,7 @@ def main() -> int:
                 per_event((probe(LockstatProbe, **settings),), lambda: storm_rate(lock_storm, 4, args.lock_ops))
     if "connect" in only:
         with tempfile.TemporaryDirectory() as tmp:
-            storm = Path(tmp) / "connect_storm"
-            subprocess.run(["gcc", "-O2", "-o", str(storm), str(REPO / "bench/connect_storm.c")], check=True)
-            connect_section(args, storm)
+            connect_section(args, build_storm("connect_storm", Path(tmp)))
     if "syscall" in only:
         print("\n### syscall tax: perf bench syscall basic (usecs/op), all default probes vs none")
         arms: dict[str, Arm] = {"all probes": (probe(RunqlatProbe), probe(LockstatProbe), probe(ConnectProbe))}

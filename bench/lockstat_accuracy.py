@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.paths import HostPaths  # noqa: E402
+from bench.lock_connect_overhead import build_storm  # noqa: E402
 from probes.base import KernelFacts  # noqa: E402
 from probes.lockstat import LockstatProbe  # noqa: E402
 
@@ -150,9 +151,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         if args.workload == "storm":
-            binary = Path(tmp) / "lock_storm"
-            subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(REPO / "bench/lock_storm.c")], check=True)
-            workload = [str(binary), "4", str(args.lock_ops)]
+            workload = [str(build_storm("lock_storm", Path(tmp))), "4", str(args.lock_ops)]
         else:
             workload = [sys.executable, "-m", "tests.contention", str(args.seconds), str(args.writers)]
         return runs(args.runs, args.timed_waits, workload)

@@ -412,6 +412,17 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
     w->lock = lock; /* last: the slot is complete */
 }
 
+/* Whether the wait has lasted across a tick, which has it timed whatever the sample said (see
+ * struct budget); one the sample had not drawn is counted in tick_timed. */
+static __always_inline int crossed_tick(struct wait *w)
+{
+    if (bpf_jiffies64() == w->tick)
+        return 0;
+    if (!w->weight)
+        count_stat(STAT_TICK_TIMED);
+    return 1;
+}
+
 /*
  * A mutex waiter that failed its optimistic spin goes to sleep: from here its wait is timed
  * whatever the budget said at its begin (weight 1: every sleeper is timed; a sleep costs two
@@ -430,16 +441,15 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
  */
 static __always_inline void goes_to_sleep(struct wait *w)
 {
-    u32 zero = 0;
-    struct budget *b = lockstat_budget.lookup(&zero);
-    if (bpf_jiffies64() != w->tick) {
-        if (!w->weight)
-            count_stat(STAT_TICK_TIMED);
-    } else if (!w->weight) {
-        w->ts = read_clock(b);
-    } else if (w->weight > 1) {
-        u64 now = read_clock(b);
-        w->spun = (now > w->ts ? now - w->ts : 0) * (w->weight - 1);
+    if (!crossed_tick(w)) {
+        u32 zero = 0;
+        struct budget *b = lockstat_budget.lookup(&zero);
+        if (!w->weight) {
+            w->ts = read_clock(b);
+        } else if (w->weight > 1) {
+            u64 now = read_clock(b);
+            w->spun = (now > w->ts ? now - w->ts : 0) * (w->weight - 1);
+        }
     }
     w->weight = 1;
 }
@@ -453,11 +463,8 @@ static __always_inline void finish_wait(struct wait *w)
     u32 type = w->type;
     u32 zero = 0;
     struct budget *b = lockstat_budget.lookup(&zero);
-    if (bpf_jiffies64() != w->tick) {
-        if (!weight)
-            count_stat(STAT_TICK_TIMED);
+    if (crossed_tick(w))
         weight = 1;
-    }
     if (weight) {
         u64 now = read_clock(b);
         ns = now > w->ts ? now - w->ts : 0;

@@ -102,7 +102,8 @@ class ConnectProbe(Probe):
 
     def _search_params(self) -> tuple[int, int] | str:
         """(index of the socket parameter, parameter count) of the search function, from BTF; or
-        why it cannot be hooked. The count moved: 4 parameters in 6.1, 5 since hash_port0 (6.9)."""
+        why it cannot be hooked. The count moved: 4 parameters in 6.1, 5 since hash_port0 (6.15:
+        "inet: call inet6_ehashfn() once from inet6_hash_connect()", March 2025)."""
         btf = self.kernel.btf
         if btf is None:
             return f"no kernel BTF at {self.kernel.btf_path} for {SEARCH_FUNCTION}'s parameters"

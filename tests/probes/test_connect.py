@@ -74,10 +74,10 @@ def test_render_uses_btf_offsets_and_a_bounded_slot_array(tmp_path: Path, strate
 
 
 SEARCH_6_1 = ("death_row", "sk", "port_offset", "check_established")
-SEARCH_6_9 = ("death_row", "sk", "port_offset", "hash_port0", "check_established")
+SEARCH_6_15 = ("death_row", "sk", "port_offset", "hash_port0", "check_established")
 
 
-@pytest.mark.parametrize("params", [SEARCH_6_1, SEARCH_6_9])
+@pytest.mark.parametrize("params", [SEARCH_6_1, SEARCH_6_15])
 def test_hooked_strategies_find_the_socket_and_return_value_by_the_kernels_prototype(
     tmp_path: Path, params: tuple[str, ...]
 ) -> None:

@@ -17,9 +17,10 @@ How the guest is made (nothing of the host is changed):
   loopback; its output and exit status come back through a second, writable 9p share (a
   temporary directory). Software emulation (``accelerator()`` says why not KVM).
 
-``python -m tests.kernel_vm [--accel=icount] -- <command>`` runs a command by hand (as root; ``make
-bench-guest`` runs the connect cost bench this way); ``--prepare`` only
-downloads and unpacks the kernel (``scripts/bootstrap.sh test`` does, so tests need no network).
+``python -m tests.kernel_vm [--accel=icount|tcg-native] [--cpus=N] -- <command>`` runs a command
+by hand (as root; ``make bench-guest`` runs the connect cost bench this way, ``make
+bench-seed-guest`` seed 000 on native spinlocks); ``--prepare`` only downloads and unpacks the
+kernel (``scripts/bootstrap.sh test`` does, so tests need no network).
 """
 
 from __future__ import annotations
@@ -192,13 +193,18 @@ def build_initramfs(kernel: GuestKernel, dest: Path) -> None:
     dest.write_bytes(buf.getvalue())
 
 
-ACCELERATORS = ("tcg", "icount", "kvm")
+ACCELERATORS = ("tcg", "tcg-native", "icount", "kvm")
 
 
 def accelerator(mode: str = "tcg") -> list[str]:
     """qemu's accelerator flags.
 
     - ``tcg`` (the tests): multi-threaded software emulation.
+    - ``tcg-native``: the same, with the CPUID hypervisor bit cleared (``-cpu max,-hypervisor``),
+      so that the guest locks as on bare metal. Under ``tcg`` it is a guest without PV spinlocks
+      (no KVM to ask), and x86 then takes spinlocks with ``virt_spin_lock()``'s test-and-set loop
+      (arch/x86/include/asm/qspinlock.h), which returns before ``queued_spin_lock_slowpath()``
+      reaches its ``contention_begin`` tracepoint: no spinlock contention is seen at all.
     - ``icount`` (cost measurements): single-threaded emulation whose clock is the count of
       guest instructions, 1 ns each (``-icount shift=0``). Host load no longer moves the
       guest's timings, so a throughput ratio is a ratio of instructions executed: stable to a
@@ -214,6 +220,8 @@ def accelerator(mode: str = "tcg") -> list[str]:
         return ["-accel", "tcg,thread=single", "-icount", "shift=0,sleep=on", "-cpu", "max"]
     if mode == "tcg":
         return ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if mode == "tcg-native":
+        return ["-accel", "tcg,thread=multi", "-cpu", "max,-hypervisor"]
     raise ValueError(f"accelerator {mode!r}: one of {', '.join(ACCELERATORS)}")
 
 
@@ -290,13 +298,21 @@ def main(argv: list[str]) -> int:
         kernel = guest_kernel()
         print(f"stock-kernel guest: {kernel.vmlinuz}")
         return 0
-    accel = "tcg"
-    if argv[:1] and argv[0].startswith("--accel="):
-        accel, argv = argv[0].split("=", 1)[1], argv[1:]
-        accelerator(accel)  # a bad name is refused before anything boots
+    accel, cpus = "tcg", 2
+    while argv[:1] and argv[0].startswith("--") and argv[0] != "--":
+        option, _, value = argv[0].partition("=")
+        if option == "--accel":
+            accel = value
+            accelerator(accel)  # a bad name is refused before anything boots
+        elif option == "--cpus" and value.isdigit() and int(value) >= 1:
+            cpus = int(value)
+        else:
+            raise SystemExit(f"unknown or bad option {argv[0]!r}: --accel=MODE, --cpus=N, then -- command")
+        argv = argv[1:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    result = run_in_guest(" ".join(shlex.quote(a) for a in argv) or "uname -a", accel=accel, timeout=7200)
+    command = " ".join(shlex.quote(a) for a in argv) or "uname -a"
+    result = run_in_guest(command, accel=accel, cpus=cpus, timeout=7200)
     sys.stdout.write(result.output)
     if result.returncode is None:
         sys.stdout.write(result.console[-4000:])

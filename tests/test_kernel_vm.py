@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.kernel_vm import VMUnavailable, generic_headers_release, main, module_load_order, run_in_guest
+from tests.kernel_vm import (
+    GuestResult,
+    VMUnavailable,
+    accelerator,
+    generic_headers_release,
+    main,
+    module_load_order,
+    run_in_guest,
+)
 
 
 def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:
@@ -63,9 +71,25 @@ def tracing_tests() -> set[str]:
 def test_an_unknown_accelerator_is_refused_before_anything_boots(monkeypatch: pytest.MonkeyPatch) -> None:
     booted: list[str] = []
     monkeypatch.setattr("tests.kernel_vm.run_in_guest", lambda *a, **k: booted.append("booted"))
-    with pytest.raises(ValueError, match="accelerator 'hvf': one of tcg, icount, kvm"):
+    with pytest.raises(ValueError, match="accelerator 'hvf': one of tcg, tcg-native, icount, kvm"):
         main(["--accel=hvf", "--", "true"])
+    for bad in (["--cpus=0", "--", "true"], ["--cpus=two", "--", "true"], ["--smp=2", "--", "true"]):
+        with pytest.raises(SystemExit, match="bad option"):
+            main(bad)
     assert booted == []
+
+
+def test_options_reach_the_guest(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, dict]] = []
+
+    def fake_run(command: str, **kw: object) -> GuestResult:
+        calls.append((command, kw))
+        return GuestResult(0, "", "")
+
+    monkeypatch.setattr("tests.kernel_vm.run_in_guest", fake_run)
+    assert main(["--accel=tcg-native", "--cpus=4", "--", "echo", "a b"]) == 0
+    assert calls == [("echo 'a b'", {"accel": "tcg-native", "cpus": 4, "timeout": 7200})]
+    assert accelerator("tcg-native")[-2:] == ["-cpu", "max,-hypervisor"]
 
 
 @pytest.mark.bpf

@@ -30,8 +30,10 @@ other combination ``other``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from functools import cached_property
+from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
@@ -43,7 +45,10 @@ from probes.histogram import NSLOTS, ROW_WORDS
 from probes.kallsyms import KernelSymbols
 from probes.rows import RowSet, sum_over_cpus
 from probes.settings import Setting
+from probes.spinlock_path import ALL, SEEN, this_node
 from probes.topn import TopN
+
+log = logging.getLogger(__name__)
 
 RAW_TRACEPOINT = "raw_tracepoint"
 LOCK_TYPES = (
@@ -114,10 +119,22 @@ class LockstatProbe(Probe):
         "tick_timed",  # an unsampled wait timed because it lasted across a tick
     )
 
-    def __init__(self, *args: object, symbols: KernelSymbols | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, symbols: KernelSymbols | None = None, kmsg: Path = Path("/dev/kmsg"), **kwargs: object
+    ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._symbols = symbols
+        self._kmsg = kmsg
         self.top = TopN(self.config["top_callers"], 2, rank=lambda v: v[1])
+        self.spinlock_waits: tuple[str, str] | None = None  # (one of SEEN, why), found at load
+
+    def _after_load(self, strategy: str) -> None:
+        # Which spinlock waits the tracepoint can show here (probes/spinlock_path.py): read once.
+        self.spinlock_waits = seen, why = this_node(self.kernel.proc_root, self._kmsg)
+        if seen == ALL:
+            log.info("lockstat: every spinlock waiter is seen (%s)", why)
+        else:
+            log.warning("lockstat: spinlock waits seen: %s (%s); sleeping locks are all seen", seen, why)
 
     @cached_property
     def symbols(self) -> KernelSymbols:
@@ -279,4 +296,15 @@ class LockstatProbe(Probe):
             (),
         )
         untimed.add((), self.untimed())
-        return [hist, count, wait, per_workload, untimed]
+        seen = CompactScalar(
+            "nodetune_lock_spinlock_waits_seen",
+            "Which spinlock waits this kernel shows the probe, 1 for the one that holds: all; queued (bare"
+            " metal: a lock's first waiter is not seen); none (a guest without PV spinlocks: test-and-set"
+            " spinlocks, no tracepoint); unknown.",
+            "gauge",
+            ("seen",),
+        )
+        if self.spinlock_waits is not None:
+            for value in SEEN:
+                seen.add((value,), int(value == self.spinlock_waits[0]))
+        return [hist, count, wait, per_workload, untimed, seen]

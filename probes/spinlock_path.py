@@ -1,0 +1,114 @@
+"""Which spinlock waits the kernel's ``lock:contention_begin`` tracepoint shows on this node.
+
+lockstat (and ``perf lock contention``) see a spinning waiter only if the kernel passes the
+tracepoint on its way, and on x86 that depends on the spinlock slow path the node runs:
+
+- a guest with PV spinlocks: ``__pv_queued_spin_lock_slowpath()`` goes straight to the MCS queue,
+  past the tracepoint: every waiter is seen (``all``);
+- bare metal, or a guest told to lock natively (KVM's dedicated-CPU hint, ``nopvspin``, one CPU):
+  ``native_queued_spin_lock_slowpath()`` calls the tracepoint after the pending-bit stage
+  (kernel/locking/qspinlock.c), so a lock's first waiter is not seen (``queued``);
+- a KVM guest whose host offers no PV spinlocks: ``virt_spin_lock()``, a test-and-set loop that
+  returns before the tracepoint (arch/x86/include/asm/qspinlock.h; ``kvm_spinlock_init()`` keeps
+  it on "for vCPU preemption"): no spinlock wait is seen (``none``).
+
+The node's kind comes from the CPU's ``hypervisor`` flag (``/proc/cpuinfo``) and, in a guest, from
+the message ``kvm_spinlock_init()`` logs at boot, read once from ``/dev/kmsg``. Where the message
+is gone from the log buffer, or another hypervisor logged its own (Xen's and Hyper-V's keep or drop
+the test-and-set lock under their own rules), the answer is ``unknown``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+ALL, QUEUED, NONE, UNKNOWN = "all", "queued", "none", "unknown"
+SEEN = (ALL, QUEUED, NONE, UNKNOWN)
+
+# kvm_spinlock_init()'s messages (arch/x86/kernel/kvm.c, pr_fmt "kvm-guest: "), what each leaves
+# the slow path as. Matched without the prefix, which kernels before 5.10 did not print.
+KVM_MESSAGES = (
+    ("PV spinlocks enabled", ALL),
+    ("PV spinlocks disabled, no host support", NONE),
+    ("PV spinlocks disabled with KVM_HINTS_REALTIME hints", QUEUED),
+    ("PV spinlocks disabled, single CPU", QUEUED),
+    ('PV spinlocks disabled, forced by "nopvspin" parameter', QUEUED),
+)
+OTHER_HYPERVISORS = ("xen:", "Hyper-V:")
+# /dev/kmsg escapes non-printable bytes (and backslash itself) as \xXX (Documentation/ABI/testing/dev-kmsg)
+ESCAPED = re.compile(r"\\x([0-9a-f]{2})")
+MAX_LOG_RECORDS = 200_000  # /dev/kmsg holds at most a few MB of records: a bound, not a budget
+
+
+def cpu_flags(cpuinfo: str) -> set[str] | None:
+    """The x86 CPU flags of ``/proc/cpuinfo``'s first processor; None where there are none (not
+    x86: arm64 lists "Features")."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def spinlock_waits_seen(machine: str, cpuinfo: str, kernel_log: Iterable[str]) -> tuple[str, str]:
+    """(which spinlock waits the tracepoint shows: one of SEEN, why) for a kernel on ``machine``
+    (``uname -m``) with this ``/proc/cpuinfo`` and these kernel log messages."""
+    if machine == "aarch64":
+        return QUEUED, "arm64: the generic queued spinlock, whose tracepoint follows the pending-bit stage"
+    if machine != "x86_64":
+        return UNKNOWN, f"not checked on {machine}"
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return UNKNOWN, "no CPU flags in /proc/cpuinfo"
+    if "hypervisor" not in flags:
+        return QUEUED, "bare metal: native queued spinlocks; the tracepoint follows the pending-bit stage"
+    for message in kernel_log:
+        if "PV spinlocks" not in message:
+            continue
+        if message.startswith(OTHER_HYPERVISORS):
+            return UNKNOWN, f"a guest; its hypervisor logged {message.strip()!r}"
+        for text, seen in KVM_MESSAGES:
+            if message.rstrip().endswith(text):
+                return seen, f"a guest; the kernel logged {message.strip()!r}"
+    return UNKNOWN, "a guest, and no PV spinlock message in the kernel log (rotated out?)"
+
+
+def kernel_log(path: Path = Path("/dev/kmsg"), limit: int = MAX_LOG_RECORDS) -> list[str]:
+    """The messages in the kernel's log buffer now (``/dev/kmsg`` records: "prio,seq,usec,flags;
+    message"), oldest first, without waiting for new ones; [] where it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return []
+    messages = []
+    try:
+        while len(messages) < limit:
+            try:
+                record = os.read(fd, 8192)  # one record per read(); a record is at most 1 KB
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # overwritten while we read: go on from the oldest left
+                    continue
+                break  # EAGAIN: nothing more
+            if not record:
+                break
+            _, _, message = record.decode("utf-8", errors="replace").partition(";")
+            first_line = message.split("\n", 1)[0]  # continuation lines (" KEY=value") follow
+            messages.append(ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), first_line))
+    finally:
+        os.close(fd)
+    return messages
+
+
+def this_node(proc_root: Path = Path("/proc"), kmsg: Path = Path("/dev/kmsg")) -> tuple[str, str]:
+    """``spinlock_waits_seen()`` of the running kernel."""
+    try:
+        cpuinfo = (proc_root / "cpuinfo").read_text()
+    except OSError as e:
+        return UNKNOWN, f"cannot read {proc_root / 'cpuinfo'}: {e}"
+    machine = os.uname().machine
+    needs_log = machine == "x86_64" and "hypervisor" in (cpu_flags(cpuinfo) or set())
+    return spinlock_waits_seen(machine, cpuinfo, kernel_log(kmsg) if needs_log else [])

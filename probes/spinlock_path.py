@@ -13,9 +13,10 @@ tracepoint on its way, and on x86 that depends on the spinlock slow path the nod
   it on "for vCPU preemption"): no spinlock wait is seen (``none``).
 
 The node's kind comes from the CPU's ``hypervisor`` flag (``/proc/cpuinfo``) and, in a guest, from
-the message ``kvm_spinlock_init()`` logs at boot, read once from ``/dev/kmsg``. Where the message
-is gone from the log buffer, or another hypervisor logged its own (Xen's and Hyper-V's keep or drop
-the test-and-set lock under their own rules), the answer is ``unknown``.
+the boot log, read once from ``/dev/kmsg``: the message ``kvm_spinlock_init()`` logs, or, under a
+hypervisor without spinlock code of its own (VMware, an emulator), none (``none``). Where the boot
+messages are gone from the log buffer, or Xen or Hyper-V logged their own (they keep or drop the
+test-and-set lock under their own rules), the answer is ``unknown``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ KVM_MESSAGES = (
     ('PV spinlocks disabled, forced by "nopvspin" parameter', QUEUED),
 )
 OTHER_HYPERVISORS = ("xen:", "Hyper-V:")
+# init_hypervisor_platform() logs "Hypervisor detected: <name>" (arch/x86/kernel/cpu/hypervisor.c).
+# Only KVM, Xen and Hyper-V guests have spinlock code of their own; under any other hypervisor, or
+# one the kernel does not recognise (no such line), nothing turns off virt_spin_lock_key, which
+# native_pv_lock_init() turned on for every guest: test-and-set spinlocks.
+DETECTED = "Hypervisor detected: "
+OWN_SPINLOCK_CODE = ("KVM", "Xen", "Microsoft Hyper-V")
+BOOT = "Linux version "  # the log's first message: the buffer still holds the boot
 # /dev/kmsg escapes non-printable bytes (and backslash itself) as \xXX (Documentation/ABI/testing/dev-kmsg)
 ESCAPED = re.compile(r"\\x([0-9a-f]{2})")
 MAX_LOG_RECORDS = 200_000  # /dev/kmsg holds at most a few MB of records: a bound, not a budget
@@ -66,7 +74,12 @@ def spinlock_waits_seen(machine: str, cpuinfo: str, kernel_log: Iterable[str]) -
         return UNKNOWN, "no CPU flags in /proc/cpuinfo"
     if "hypervisor" not in flags:
         return QUEUED, "bare metal: native queued spinlocks; the tracepoint follows the pending-bit stage"
+    booted, hypervisor = False, None
     for message in kernel_log:
+        if message.startswith(BOOT):
+            booted = True
+        elif message.startswith(DETECTED):
+            hypervisor = message[len(DETECTED) :].strip()
         if "PV spinlocks" not in message:
             continue
         if message.startswith(OTHER_HYPERVISORS):
@@ -74,6 +87,9 @@ def spinlock_waits_seen(machine: str, cpuinfo: str, kernel_log: Iterable[str]) -
         for text, seen in KVM_MESSAGES:
             if message.rstrip().endswith(text):
                 return seen, f"a guest; the kernel logged {message.strip()!r}"
+    if booted and (hypervisor is None or not hypervisor.startswith(OWN_SPINLOCK_CODE)):
+        under = f"under {hypervisor}" if hypervisor else "under a hypervisor the kernel does not recognise"
+        return NONE, f"a guest {under}, without PV spinlocks: test-and-set spinlocks, before the tracepoint"
     return UNKNOWN, "a guest, and no PV spinlock message in the kernel log (rotated out?)"
 
 

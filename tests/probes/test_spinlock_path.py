@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from probes.base import KernelFacts
 from probes.lockstat import LockstatProbe
 from probes.spinlock_path import ALL, NONE, QUEUED, SEEN, UNKNOWN, kernel_log, spinlock_waits_seen, this_node
+from tests.conftest import IN_TEST_VM, REPO
 
 BARE = "processor\t: 0\nflags\t\t: fpu vme de pse tsc msr pae\n\nprocessor\t: 1\nflags\t\t: fpu vme\n"
 GUEST = "processor\t: 0\nflags\t\t: fpu vme tsc hypervisor lahf_lm\n"
@@ -32,7 +34,7 @@ ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm\n"
     ],
 )
 def test_a_guest_is_judged_by_its_pv_spinlock_message(message: str, seen: str) -> None:
-    log = ["Linux version 6.1.0", "PV qspinlock hash table entries: 256", message, "later message"]
+    log = ["Linux version 6.1.0", "Hypervisor detected: KVM", "PV qspinlock hash table entries: 256", message, "later"]
     assert spinlock_waits_seen("x86_64", GUEST, log)[0] == seen
 
 
@@ -42,8 +44,15 @@ def test_bare_metal_other_machines_and_a_log_without_the_message() -> None:
     assert spinlock_waits_seen("aarch64", ARM, [])[0] == QUEUED
     assert spinlock_waits_seen("ppc64le", "", [])[0] == UNKNOWN
     assert spinlock_waits_seen("x86_64", ARM, [])[0] == UNKNOWN  # no flags line
-    seen, why = spinlock_waits_seen("x86_64", GUEST, ["Linux version 6.1.0"])  # rotated out of the buffer
+    seen, why = spinlock_waits_seen("x86_64", GUEST, ["ACPI: ..."])  # boot rotated out of the buffer
     assert seen == UNKNOWN and "no PV spinlock message" in why
+    # the boot is in the log: a hypervisor without spinlock code of its own, or none recognised
+    for log in (["Linux version 6.1.0", "Hypervisor detected: VMware"], ["Linux version 6.1.0", "x86/fpu: ..."]):
+        assert spinlock_waits_seen("x86_64", GUEST, log)[0] == NONE, log
+    # KVM, Xen, Hyper-V decide for themselves: without their message, not guessed
+    for name in ("KVM", "Xen HVM", "Microsoft Hyper-V"):
+        log = ["Linux version 6.1.0", f"Hypervisor detected: {name}"]
+        assert spinlock_waits_seen("x86_64", GUEST, log)[0] == UNKNOWN
 
 
 def test_unreadable_sources_give_unknown_not_an_error(tmp_path: Path) -> None:
@@ -83,3 +92,30 @@ def test_loaded_probe_exports_this_nodes_verdict(header_cache: Path) -> None:
     assert [k for k, v in samples.items() if v == 1] == [expected[0]]
     assert sum(samples.values()) == 1
     print(f"this node: spinlock waits seen {expected}")
+
+
+@pytest.mark.bpf
+@pytest.mark.tracing  # runs in the stock-kernel guest (tests/kernel_vm.py): an emulated CPU, no KVM
+def test_the_verdict_matches_what_the_probe_sees(header_cache: Path) -> None:
+    """The pipe workload (tests/contention.py: pipe->mutex and its wait-queue spinlocks) under the
+    loaded probe. In the guest, a hypervisor the kernel does not recognise, the verdict is "none"
+    and no spinlock contention is counted while the mutex ones are; where every waiter is seen,
+    spinlock contentions are counted too."""
+    seen, why = this_node()
+    probe = LockstatProbe(KernelFacts(cache_dir=header_cache))
+    probe.load()
+    try:
+        before = {t: sum(slots) for t, (slots, _) in probe.histograms().items()}
+        subprocess.run([sys.executable, "-m", "tests.contention", "2", "6"], cwd=REPO, check=True)
+        after = {t: sum(slots) for t, (slots, _) in probe.histograms().items()}
+    finally:
+        probe.close()
+    counts = {t: after[t] - before.get(t, 0) for t in after}
+    print(f"verdict {seen} ({why}); contentions {counts}")
+    assert counts["mutex"] > 1000
+    if IN_TEST_VM:
+        assert seen == NONE
+    if seen == NONE:
+        assert counts["spinlock"] == 0
+    elif seen == ALL:
+        assert counts["spinlock"] > 0

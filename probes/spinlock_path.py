@@ -31,7 +31,7 @@ ALL, QUEUED, NONE, UNKNOWN = "all", "queued", "none", "unknown"
 SEEN = (ALL, QUEUED, NONE, UNKNOWN)
 
 # kvm_spinlock_init()'s messages (arch/x86/kernel/kvm.c, pr_fmt "kvm-guest: "), what each leaves
-# the slow path as. Matched without the prefix, which kernels before 5.10 did not print.
+# the slow path as. Matched by their end, whatever prefix pr_fmt gives them.
 KVM_MESSAGES = (
     ("PV spinlocks enabled", ALL),
     ("PV spinlocks disabled, no host support", NONE),

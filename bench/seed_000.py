@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,49 +39,40 @@ from bench.lock_connect_overhead import build_storm, kernel, probe  # noqa: E402
 from probes.connect import FAILURES_WORD, HIST, ConnectProbe  # noqa: E402
 from probes.histogram import NSLOTS  # noqa: E402
 from probes.lockstat import LOCK_TYPES, LockstatProbe  # noqa: E402
+from tests.netns import Netns, enter_cgroup  # noqa: E402
 
 UPSTREAM_PORT = 30000
 RANGE_LOW = 40000
 
 
 class Case:
-    """A network namespace with ``ports`` ephemeral ports and a cgroup, both made here."""
+    """A network namespace with ``ports`` ephemeral ports (tests/netns.py) and a cgroup, both made here."""
 
     def __init__(self, name: str, ports: int) -> None:
         self.name = name
-        tag = uuid.uuid4().hex[:8]
-        self.netns = f"nodetune-seed-{name}-{tag}"
         root = HostPaths().cgroup_v2()
         if root is None:
             raise SystemExit("bench/seed_000.py needs cgroup v2")
-        self.cgroup = root / f"nodetune-seed-{name}-{tag}"
-        subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        self.ns = Netns(f"{RANGE_LOW} {RANGE_LOW + ports - 1}")
+        self.netns = self.ns.name
+        self.cgroup = root / f"nodetune-seed-{name}-{uuid.uuid4().hex[:8]}"
         self.cgroup.mkdir()
         self.cgroup_id = os.stat(self.cgroup).st_ino
-        for argv in (
-            ["ip", "link", "set", "lo", "up"],
-            ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={RANGE_LOW} {RANGE_LOW + ports - 1}"],
-        ):
-            subprocess.run(["ip", "netns", "exec", self.netns, *argv], check=True)
 
     def start(self, argv: list[str]) -> subprocess.Popen[str]:
-        """``argv`` in the namespace and the cgroup, stdin and stdout piped."""
-        procs = str(self.cgroup / "cgroup.procs")
-
-        def enter() -> None:  # between fork and exec: into the case's cgroup
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
-        return subprocess.Popen(
+        """``argv`` in the namespace and the cgroup, stdin and stdout piped; ended by ``remove()``."""
+        proc = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            preexec_fn=enter,
+            preexec_fn=partial(enter_cgroup, str(self.cgroup)),
         )
+        self.ns.procs.append(proc)
+        return proc
 
     def remove(self) -> None:
-        subprocess.run(["ip", "netns", "delete", self.netns], check=False)
+        self.ns.remove()  # ends what start() started, by pid, then deletes the namespace
         try:
             self.cgroup.rmdir()
         except OSError as e:

@@ -38,7 +38,7 @@ from agent.paths import HostPaths  # noqa: E402
 from bench.lock_connect_overhead import build_storm, kernel, probe  # noqa: E402
 from probes.connect import FAILURES_WORD, HIST, ConnectProbe  # noqa: E402
 from probes.histogram import NSLOTS  # noqa: E402
-from probes.lockstat import LOCK_TYPES, LockstatProbe  # noqa: E402
+from probes.lockstat import LOCK_TYPES, WORKLOAD, LockstatProbe  # noqa: E402
 from tests.netns import Netns, enter_cgroup  # noqa: E402
 
 UPSTREAM_PORT = 30000
@@ -98,23 +98,19 @@ def one_case(case: Case, storm: Path, args: argparse.Namespace, held: int, conne
     key = (str(case.cgroup_id),)
     zero_c, zero_l = [0] * (FAILURES_WORD + 1), [0] * len(LOCK_TYPES)
     proc = case.start([str(storm), str(args.workers), str(args.seconds), str(UPSTREAM_PORT), str(held)])
-    try:
-        # The held connections' searches are the case's set-up, not its storm: read after them.
-        if proc.stdout.readline().strip() != "held":
-            raise RuntimeError(f"upstream_storm could not hold {held} connections in {case.netns}")
-        c0 = connect.series(HIST).get(key, zero_c)
-        l0 = lockstat.series("workload_lock_wait_seconds").get(key, zero_l)
-        callers0, _ = lockstat.caller_totals()
-        out, _ = proc.communicate("go\n", timeout=args.seconds + 60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # On any error below, Case.remove() ends the storm by pid.
+    # The held connections' searches are the case's set-up, not its storm: read after them.
+    if proc.stdout.readline().strip() != "held":
+        raise RuntimeError(f"upstream_storm could not hold {held} connections in {case.netns}")
+    c0 = connect.series(HIST).get(key, zero_c)
+    l0 = lockstat.series(WORKLOAD).get(key, zero_l)
+    callers0, _ = lockstat.caller_totals()
+    out, _ = proc.communicate("go\n", timeout=args.seconds + 60)
     if proc.returncode:
         raise RuntimeError(f"upstream_storm exited with {proc.returncode} in {case.netns}")
     rate, failures = out.split()
     c = delta(connect.series(HIST).get(key, zero_c), c0)
-    waits = delta(lockstat.series("workload_lock_wait_seconds").get(key, zero_l), l0)
+    waits = delta(lockstat.series(WORKLOAD).get(key, zero_l), l0)
     callers1, _ = lockstat.caller_totals()
     callers = {
         k: (v[0] - callers0.get(k, [0, 0])[0], v[1] - callers0.get(k, [0, 0])[1])

@@ -20,6 +20,7 @@ from agent.config import (
     HIERARCHY_CHOICES,
     AgentConfig,
     ConfigError,
+    check_listen,
     parse_collectors,
     parse_listen,
     parse_probes,
@@ -83,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--max-concurrent-scrapes", type=int, default=4, help="more get HTTP 503 (default 4)")
     run.add_argument(
+        "--web-config-file",
+        default=None,
+        help="TLS, client certificates and basic auth for the endpoint (Prometheus exporter-toolkit format)",
+    )
+    run.add_argument(
+        "--http-max-connections", type=int, default=4096, help="open HTTP connections at most (default 4096)"
+    )
+    run.add_argument(
+        "--http-max-header-bytes", type=int, default=16384, help="request header bytes at most; more get 431"
+    )
+    run.add_argument(
+        "--http-read-timeout", type=float, default=10.0, help="seconds to receive a request head (default 10)"
+    )
+    run.add_argument(
+        "--http-idle-timeout", type=float, default=30.0, help="seconds a kept-alive connection may idle (default 30)"
+    )
+    run.add_argument(
         "--collectors", default="all", help="comma list of throttling, listen, ports; 'all' (default) or 'none'"
     )
     run.add_argument("--node-name", default="", help="this node's name (default: $NODE_NAME)")
@@ -112,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.tuning import command as tune_command
 
     tune_command.add_parser(sub)
+
+    from agent.doctor import command as doctor_command
+
+    doctor = sub.add_parser(
+        "doctor", help="a one-shot verdict on this node: exit 0 all OK, 1 a WARN, 2 a CRIT, 3 could not run"
+    )
+    _common(doctor, log_level="error")
+    doctor_command.add_arguments(doctor)
     return parser
 
 
@@ -131,6 +157,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             listen_host=host,
             listen_port=port,
             max_concurrent_scrapes=args.max_concurrent_scrapes,
+            web_config_file=Path(args.web_config_file) if args.web_config_file else None,
+            http_max_connections=args.http_max_connections,
+            http_max_header_bytes=args.http_max_header_bytes,
+            http_read_timeout_s=args.http_read_timeout,
+            http_idle_timeout_s=args.http_idle_timeout,
             workload_series_grace_s=args.workload_series_grace,
             collectors=parse_collectors(args.collectors),
             node_name=args.node_name or os.environ.get("NODE_NAME", ""),
@@ -197,8 +228,15 @@ def main(argv: list[str] | None = None) -> int:
 
         logs.setup("info")
         return tune_command.run(args)
+    if args.command == "doctor":
+        from agent.doctor import command as doctor_command
+
+        logs.setup(args.log_level if args.log_level in logs.LEVELS else "warning")
+        return doctor_command.run(args, config_from_args)
     try:
         config = config_from_args(args)
+        if args.command == "run":
+            check_listen(config.listen_host, config.listen_port)
     except ConfigError as e:
         print(f"nodetune: {e}", file=sys.stderr)
         return 2

@@ -7,11 +7,13 @@ anything touches the host: a bad value raises ``ConfigError`` and the CLI exits 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.logs import LEVELS
+from host.paths import HostPaths
 from probes import PROBES
 from probes.settings import SettingError
 
@@ -65,19 +67,41 @@ def parse_collectors(value: str) -> tuple[str, ...]:
     return parse_names("--collectors", value, COLLECTORS)
 
 
+def check_listen(host: str, port: int) -> None:
+    """The metrics address can be bound here (in use, or not an address of this host: ConfigError),
+    checked before anything touches the host; the server binds it again right after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+            s.bind((host, port))
+            s.listen(1)
+    except OSError as e:
+        raise ConfigError(f"--listen {host}:{port}: {e.strerror or e}") from None
+
+
 def check_profile_file(path: Path, host_root: Path) -> None:
     """Every profile in the file parses and fits this host (reads only); raises ConfigError."""
-    from agent.tuning.base import TuningHost
-    from agent.tuning.profile import ProfileError, parse
+    from agent.tuning.profile import ProfileError, parse, read_profile_text
     from agent.tuning.validate import build
 
     try:
-        for profile in parse(path.read_text()):
-            build(profile, TuningHost(host_root))
+        for profile in parse(read_profile_text(path)):
+            build(profile, HostPaths(host_root))
     except OSError as e:
         raise ConfigError(f"--profile {path}: {e.strerror}") from None
     except ProfileError as e:
         raise ConfigError(f"--profile {path}: {e}") from None
+
+
+def check_web_config_file(path: Path) -> None:
+    """The web config file loads (certificates and keys included); raises ConfigError."""
+    from agent.web_config import WebConfigError, check_file
+
+    try:
+        check_file(path)
+    except WebConfigError as e:
+        raise ConfigError(f"--web-config-file {e}") from None
 
 
 @dataclass(frozen=True)
@@ -98,6 +122,18 @@ class AgentConfig:
     """Private state: merged kernel header trees. Never /lib/modules."""
     max_concurrent_scrapes: int = 4
     """Scrapes served at once; more get HTTP 503 (as node_exporter's --web.max-requests)."""
+    http_max_connections: int = 4096
+    """Open HTTP connections at most (kept 512 below the open-files limit, which the agent raises to
+    its hard limit); when full, a new connection closes the one waiting longest without a request."""
+    http_max_header_bytes: int = 16384
+    """Bytes of a request's header lines at most; more get HTTP 431 (the request line: 8190, 414)."""
+    http_read_timeout_s: float = 10.0
+    """Seconds a request head (and a TLS handshake) may take from its first byte; then it is closed."""
+    http_idle_timeout_s: float = 30.0
+    """Seconds a kept-alive connection may wait for its next request (Prometheus reuses it per scrape)."""
+    web_config_file: Path | None = None
+    """``--web-config-file``: TLS, client certificates and basic auth in the Prometheus exporter-toolkit
+    format (agent/web_config.py); reloaded when it changes. None: plain HTTP, no auth."""
     health_timeout_s: float = 30.0
     """/healthz fails when the main loop has not ticked for this long (seconds)."""
     collectors: tuple[str, ...] = COLLECTORS
@@ -139,6 +175,14 @@ class AgentConfig:
             raise ConfigError(f"--log-level {self.log_level!r}: expected one of {', '.join(LEVELS)}")
         if self.max_concurrent_scrapes < 1:
             raise ConfigError("--max-concurrent-scrapes must be at least 1")
+        if not 16 <= self.http_max_connections <= 1_000_000:
+            raise ConfigError("--http-max-connections must be within 16-1000000")
+        if not 1024 <= self.http_max_header_bytes <= 1_048_576:
+            raise ConfigError("--http-max-header-bytes must be within 1024-1048576")
+        if not 0.1 <= self.http_read_timeout_s <= 600 or not 0.1 <= self.http_idle_timeout_s <= 3600:
+            raise ConfigError("--http-read-timeout must be within 0.1-600 s and --http-idle-timeout within 0.1-3600 s")
+        if self.web_config_file is not None:
+            check_web_config_file(self.web_config_file)
         if self.cgroup_hierarchy not in HIERARCHY_CHOICES:
             raise ConfigError(
                 f"--cgroup-hierarchy {self.cgroup_hierarchy!r}: expected one of {', '.join(HIERARCHY_CHOICES)}"

@@ -1,5 +1,5 @@
 """Prometheus exposition: every probe and collector is a *unit*, wrapped so one failing never fails
-the scrape, plus the HTTP server for /metrics, /healthz and /readyz.
+the scrape, plus the routes of /metrics, /healthz and /readyz (served by ``agent.httpserver``).
 
 Each scrape calls every unit's ``collect()`` once, in the scraping thread, and adds
 ``nodetune_scrape_collector_success{collector}`` and ``..._duration_seconds{collector}`` (the
@@ -9,24 +9,25 @@ never repeats a metric name. Nothing is collected outside a scrape (pull, not pu
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gzip
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from probes.families import CompactFamily
+from agent.httpserver import HttpServer, Limits, Request, Response, Work
+from agent.web_config import WebConfigFile
+from metrics.exposition import CompactFamily
 
 log = logging.getLogger(__name__)
-
-IDLE_TIMEOUT_S = 30.0  # Prometheus keeps connections alive between scrapes (default interval 15-60 s)
 
 
 class Unit(Protocol):
@@ -49,7 +50,7 @@ def render(families: list[Metric]) -> bytes:
     """The text exposition of ``families``, byte-identical to ``generate_latest``'s.
 
     ``generate_latest`` writes each family independently, so families are rendered one by one: a
-    ``CompactFamily`` (per-workload histograms, counters and gauges, probes/families.py) writes its
+    ``CompactFamily`` (per-workload histograms, counters and gauges, metrics/exposition.py) writes its
     own text, which at 500 workloads turns a 400 ms scrape into tens of ms; every other family is
     the library's.
     """
@@ -171,69 +172,34 @@ def accepts_gzip(header: str) -> bool:
     return best is not None and best > 0
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: MetricsServer
-    protocol_version = "HTTP/1.1"
-    timeout = IDLE_TIMEOUT_S  # socket timeout: an idle keep-alive connection is closed after this
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("http %s %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        headers = {"Content-Type": content_type, "Vary": "Accept-Encoding"}
-        if len(body) > 1024 and accepts_gzip(self.headers.get("Accept-Encoding", "")):
-            body = gzip.compress(body, compresslevel=1)
-            headers["Content-Encoding"] = "gzip"
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        srv = self.server
-        if path == "/metrics":
-            if not srv.scrape_slots.acquire(blocking=False):
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
-                return
-            try:
-                body = srv.exporter.render()
-            except Exception:  # never expected: units are already isolated
-                log.exception("rendering /metrics failed")
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n")
-                return
-            finally:
-                srv.scrape_slots.release()
-            self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            ok = srv.healthy()
-            self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"ok\n" if ok else b"stalled\n")
-        elif path == "/readyz":
-            ok = srv.ready()
-            self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"ok\n" if ok else b"starting\n")
-        elif path == "/":
-            self._send(HTTPStatus.OK, b"nodetune: /metrics /healthz /readyz\n")
-        else:
-            self._send(HTTPStatus.NOT_FOUND, b"not found\n")
+def _text(status: int, body: bytes, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, body, [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])])
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """HTTP server on its own thread; probes and the main loop never block on it.
+def encode(body: bytes, content_type: str, accept_encoding: str) -> tuple[bytes, list[tuple[str, str]]]:
+    """The body as sent (gzipped when the client allows it and it is worth it) and its headers."""
+    headers = [("Content-Type", content_type), ("Vary", "Accept-Encoding")]
+    if len(body) > 1024 and accepts_gzip(accept_encoding):
+        body = gzip.compress(body, compresslevel=1)
+        headers.append(("Content-Encoding", "gzip"))
+    return body, headers
 
-    One thread per connection; a connection idle for ``IDLE_TIMEOUT_S`` is closed, so idle
-    keep-alive clients cannot pile up threads, and the listen backlog is deep enough that a burst
-    of connections does not keep a scrape out.
+
+AUTH_QUEUE = 8  # password checks waiting for the auth thread; more get 503 at once
+UNSENT_BUDGET_BYTES = 64 << 20  # rendered /metrics bodies not yet sent, all connections together
+
+
+class MetricsServer:
+    """/metrics, /healthz, /readyz and / over ``agent.httpserver`` (its docstring says what a peer
+    may cost). /healthz and /readyz are answered on the event loop and never wait for a scrape nor
+    depend on the web config. /metrics (and /) first pass basic auth when a web config sets users:
+    credentials checked before are answered from a cache on the loop, others are checked by bcrypt
+    on one auth thread (at most ``AUTH_QUEUE`` waiting, more get 503), so wrong passwords never
+    take a scrape slot. Then /metrics takes one of ``max_concurrent_scrapes`` slots (none free: 503)
+    for rendering and gzipping on a worker thread; the slot is freed when rendering ends, and the
+    bodies still being sent are bounded by ``unsent_budget_bytes`` (over it: 503), so slow readers
+    hold memory, not slots.
     """
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
 
     def __init__(
         self,
@@ -242,22 +208,108 @@ class MetricsServer(ThreadingHTTPServer):
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
         max_concurrent_scrapes: int = 4,
+        limits: Limits | None = None,
+        web_config: WebConfigFile | None = None,
+        unsent_budget_bytes: int = UNSENT_BUDGET_BYTES,
     ) -> None:
-        if ":" in address[0]:
-            import socket
-
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
         self.exporter = exporter
         self.healthy = healthy
         self.ready = ready
+        self.web_config = web_config
         self.scrape_slots = threading.BoundedSemaphore(max_concurrent_scrapes)
-        self._thread: threading.Thread | None = None
+        self.unsent_budget_bytes = unsent_budget_bytes
+        self.unsent = 0  # bytes of rendered bodies not yet sent (under _unsent_lock)
+        self._unsent_lock = threading.Lock()
+        self.auth_waiting = 0  # password checks queued or running (event loop only)
+        self.auth_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
+        if web_config is not None:
+            exporter.register("web_config", web_config)
+        self.http = HttpServer(
+            address,
+            self.handle,
+            workers=max_concurrent_scrapes,
+            limits=limits,
+            tls=web_config.tls if web_config else (lambda: None),
+            check_peer=web_config.check_peer if web_config else (lambda cert: ""),
+            extra_headers=web_config.headers if web_config else (lambda: []),
+            generation=web_config.tls_generation if web_config else (lambda: 0),
+        )
+        self.server_address = self.http.server_address
+
+    def handle(self, request: Request) -> Response | Work | Awaitable[Response | Work]:
+        """Route one request (event loop: only cheap answers here; the rest is ``Work``)."""
+        if request.path == "/healthz":
+            ok = self.healthy()
+            return _text(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"ok\n" if ok else b"stalled\n")
+        if request.path == "/readyz":
+            ok = self.ready()
+            return _text(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, b"ok\n" if ok else b"starting\n")
+        if request.path not in ("/metrics", "/"):
+            return _text(HTTPStatus.NOT_FOUND, b"not found\n")
+        if self.web_config is None:
+            return self._scrape(request)
+        authorization = request.headers.get("authorization", "")
+        known = self.web_config.cached(authorization)
+        if known is None:
+            return self._authenticate(request, authorization)
+        return self._scrape(request) if known else self._unauthorized(request)
+
+    async def _authenticate(self, request: Request, authorization: str) -> Response | Work:
+        """A password not checked before: bcrypt on the auth thread, one at a time."""
+        assert self.web_config is not None
+        if self.auth_waiting >= AUTH_QUEUE:
+            self.http.events.note("auth", "503 to %s: %d password checks waiting", request.peer, self.auth_waiting)
+            return _text(HTTPStatus.SERVICE_UNAVAILABLE, b"too many password checks waiting\n")
+        self.auth_waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self.auth_thread, self.web_config.authorized, authorization)
+        finally:
+            self.auth_waiting -= 1
+        return self._scrape(request) if ok else self._unauthorized(request)
+
+    def _unauthorized(self, request: Request) -> Response:
+        self.http.events.note("auth", "401 to %s: %s", request.peer, "no or wrong basic auth credentials")
+        return _text(HTTPStatus.UNAUTHORIZED, b"unauthorized\n", [("WWW-Authenticate", 'Basic realm="nodetune"')])
+
+    def _scrape(self, request: Request) -> Response | Work:
+        if request.path == "/":
+            return _text(HTTPStatus.OK, b"nodetune: /metrics /healthz /readyz\n")
+        if not self.scrape_slots.acquire(blocking=False):
+            return _text(HTTPStatus.SERVICE_UNAVAILABLE, b"too many concurrent scrapes\n")
+        sent: list[int] = []  # bytes counted in self.unsent for this response
+
+        def run() -> Response:
+            try:
+                response = self._render(request)
+            finally:
+                self.scrape_slots.release()  # rendering is over: a slow reader holds memory, not a slot
+            with self._unsent_lock:
+                if self.unsent + len(response.body) > self.unsent_budget_bytes:
+                    return _text(HTTPStatus.SERVICE_UNAVAILABLE, b"too many responses still being sent\n")
+                self.unsent += len(response.body)
+            sent.append(len(response.body))
+            return response
+
+        def done() -> None:
+            with self._unsent_lock:
+                self.unsent -= sum(sent)
+
+        return Work(run, done)
+
+    def _render(self, request: Request) -> Response:
+        """The /metrics body (worker thread)."""
+        try:
+            body = self.exporter.render()
+        except Exception:  # never expected: units are already isolated
+            log.exception("rendering /metrics failed")
+            return _text(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n")
+        body, headers = encode(body, CONTENT_TYPE_LATEST, request.headers.get("accept-encoding", ""))
+        return Response(HTTPStatus.OK, body, headers)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
-        self._thread.start()
+        self.http.start()
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        self.http.stop()
+        self.auth_thread.shutdown(wait=True, cancel_futures=True)  # at most one bcrypt check

@@ -34,6 +34,7 @@ started here are ended by pid.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -48,11 +49,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.paths import HostPaths  # noqa: E402
 from bench.runqlat_overhead import STATS, prog_stats  # noqa: E402
+from host.paths import HostPaths  # noqa: E402
 from probes import bpfsys  # noqa: E402
 from probes.base import Hooks, KernelFacts, Probe, ProbeUnavailable, attach_hooks, detach_hooks, detach_kprobes  # noqa: E402
-from probes.connect import FEXIT, KPROBE, STATE_SOCKOPS, ConnectProbe  # noqa: E402
+from probes.connect import FEXIT, KPROBE, TRACEPOINT_SOCKOPS, ConnectProbe  # noqa: E402
 from probes.lockstat import LockstatProbe  # noqa: E402
 from probes.runqlat import RunqlatProbe  # noqa: E402
 
@@ -168,12 +169,15 @@ def syscall_usecs(loops: int) -> float:
 Arm = tuple[Callable[[], Any], ...]  # factories of loadable things with pause()/resume()/close()
 
 
-def ab(name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], higher_is_better: bool) -> None:
+def ab(
+    name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], higher_is_better: bool
+) -> dict[str, list[float]]:
     """Interleaved rounds of ``run`` with nothing attached and with each arm's probes, the order
     rotating every round (bpf_stats off: its clock reads would be charged to the arms); prints
     each arm's median per-round cost ratio against the unloaded run of the same round. Every arm
     is compiled and loaded once, then paused; a round resumes one arm at a time, so the runs of
-    a round follow each other within milliseconds and share the machine's slow swings."""
+    a round follow each other within milliseconds and share the machine's slow swings. Returns
+    every arm's per-round ratios, and the unloaded runs' figures under "off"."""
     loaded_arms: dict[str, list[Any]] = {}
     try:
         for arm, factories in arms.items():
@@ -185,6 +189,7 @@ def ab(name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], h
                 thing.pause()
         run()  # warm-up, not counted: the first run of a process pays for cold caches and slabs
         ratios: dict[str, list[float]] = {arm: [] for arm in arms}
+        offs: list[float] = []
         states = ["off", *arms]
         for r in range(rounds):
             order = states[r % len(states) :] + states[: r % len(states)]
@@ -199,6 +204,7 @@ def ab(name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], h
                     for thing in things:
                         thing.pause()
             line = []
+            offs.append(results["off"])
             for arm in arms:
                 ratio = results["off"] / results[arm] if higher_is_better else results[arm] / results["off"]
                 ratios[arm].append(ratio)
@@ -214,10 +220,11 @@ def ab(name: str, rounds: int, arms: dict[str, Arm], run: Callable[[], float], h
             f"{name} {arm}: median cost ratio x{statistics.median(values):.3f} "
             f"(quartiles {q[0]:.3f}-{q[2]:.3f}, min {min(values):.3f}, max {max(values):.3f}, {len(values)} rounds)"
         )
+    return {**ratios, "off": offs}
 
 
-def per_event(factories: tuple[Callable[[], Probe], ...], run: Callable[[], float]) -> None:
-    """Kernel bpf_stats of each program over one run: ns per event."""
+def per_event(factories: tuple[Callable[[], Probe], ...], run: Callable[[], float]) -> dict[str, list[float]]:
+    """Kernel bpf_stats of each program over one run: ns per event; returns {program: [ns/event, events]}."""
     saved = STATS.read_text()
     probes = loaded(factories)
     try:
@@ -229,11 +236,14 @@ def per_event(factories: tuple[Callable[[], Probe], ...], run: Callable[[], floa
     finally:
         STATS.write_text(saved)
         close(probes)
+    out: dict[str, list[float]] = {}
     for fd, label in sorted(fds.items(), key=lambda kv: kv[1]):
         ns = after.get(fd, (0, 0))[0] - before.get(fd, (0, 0))[0]
         cnt = after.get(fd, (0, 0))[1] - before.get(fd, (0, 0))[1]
         if cnt:
             print(f"  bpf_stats {label}: {ns / cnt:.0f} ns/event over {cnt} events")
+            out[label] = [ns / cnt, cnt]
+    return out
 
 
 def loadable(strategy: str) -> str | None:
@@ -248,25 +258,33 @@ def loadable(strategy: str) -> str | None:
     return None
 
 
-def connect_section(args: argparse.Namespace, storm: Path) -> None:
+def connect_section(args: argparse.Namespace, storm: Path) -> dict[str, Any]:
+    """Prints the connect section; returns its figures (for ``--json``): arms in the order of
+    ``ConnectProbe.strategies`` (the first is the one ``auto`` takes here)."""
     print("\n### connect: loopback connect()/close() storm (connects/s)")
+    refused: dict[str, str] = {}
     arms: dict[str, Arm] = {}
     strategies = []
     for strategy in ConnectProbe.strategies:
         reason = loadable(strategy)
         if reason:
             print(f"  {strategy}: not measured, the kernel does not take it: {reason}")
+            refused[strategy] = reason
             continue
         strategies.append(strategy)
         arms[f"connect {strategy}"] = (probe(ConnectProbe, strategy),)
         if strategy in EMPTY_HOOKED:
             arms[f"empty {strategy}"] = (partial(EmptyPrograms, EMPTY_HOOKED[strategy]),)
         else:
-            arms[f"empty {strategy}"] = (partial(EmptyPrograms, EMPTY_STATE, sock_ops=strategy == STATE_SOCKOPS),)
-    ab("connect", args.rounds * args.storm_rounds_factor, arms, lambda: storm_rate(storm, args.connects), True)
+            arms[f"empty {strategy}"] = (partial(EmptyPrograms, EMPTY_STATE, sock_ops=strategy == TRACEPOINT_SOCKOPS),)
+    rounds = args.rounds * args.storm_rounds_factor
+    ratios = ab("connect", rounds, arms, lambda: storm_rate(storm, args.connects), True)
+    events = {}
     for strategy in strategies:
         print(f"  {strategy}:")
-        per_event((probe(ConnectProbe, strategy),), lambda: storm_rate(storm, args.connects))
+        events[strategy] = per_event((probe(ConnectProbe, strategy),), lambda: storm_rate(storm, args.connects))
+    command = f"bench/connect_storm {args.connects}"
+    return {"command": command, "ratios": ratios, "ns_per_event": events, "refused": refused}
 
 
 def main() -> int:
@@ -280,6 +298,7 @@ def main() -> int:
     )
     ap.add_argument("--syscalls", type=int, default=5_000_000, help="perf bench syscall basic -l")
     ap.add_argument("--only", choices=("lockstat", "connect", "syscall"), action="append", help="sections to run")
+    ap.add_argument("--json", type=Path, help="write every section's per-round figures here")
     args = ap.parse_args()
     only = set(args.only or ("lockstat", "connect", "syscall"))
     if os.geteuid() != 0:
@@ -287,14 +306,18 @@ def main() -> int:
         return 1
     kernel().headers.apply_env()
     print(f"kernel {os.uname().release}; {os.cpu_count()} CPUs; {args.rounds} interleaved rounds")
+    out: dict[str, Any] = {"rounds": args.rounds, "storm_rounds": args.rounds * args.storm_rounds_factor}
     if "lockstat" in only:
         print("\n### lockstat: perf bench epoll wait -t 4 (ops/s), 2 CPUs")
         lock_arms: dict[str, Arm] = {
             "lockstat": (probe(LockstatProbe),),
             "empty programs": (partial(EmptyPrograms, EMPTY_LOCK),),
         }
-        ab("lockstat", args.rounds, lock_arms, lambda: epoll_ops(args.seconds), True)
-        per_event((probe(LockstatProbe),), lambda: epoll_ops(args.seconds))
+        out["epoll"] = {
+            "command": f"perf bench epoll wait -t 4 -r {args.seconds}",
+            "ratios": ab("lockstat", args.rounds, lock_arms, lambda: epoll_ops(args.seconds), True),
+            "ns_per_event": per_event((probe(LockstatProbe),), lambda: epoll_ops(args.seconds)),
+        }
         with tempfile.TemporaryDirectory() as tmp:
             lock_storm = build_storm("lock_storm", Path(tmp))
             print("\n### lockstat: lock storm, 4 threads on one epoll instance (epoll_ctl/s)")
@@ -304,17 +327,26 @@ def main() -> int:
                 "empty programs": (partial(EmptyPrograms, EMPTY_LOCK),),
             }
             rounds = args.rounds * args.storm_rounds_factor
-            ab("lock storm", rounds, arms, lambda: storm_rate(lock_storm, 4, args.lock_ops), True)
+            storm_ratios = ab("lock storm", rounds, arms, lambda: storm_rate(lock_storm, 4, args.lock_ops), True)
+            events = {}
             for settings in ({}, {"timed_waits": 0}):
                 print(f"  lockstat {settings or 'defaults'}:")
-                per_event((probe(LockstatProbe, **settings),), lambda: storm_rate(lock_storm, 4, args.lock_ops))
+                run = partial(storm_rate, lock_storm, 4, args.lock_ops)
+                events["timed_waits=0" if settings else "defaults"] = per_event(
+                    (probe(LockstatProbe, **settings),), run
+                )
+            command = f"bench/lock_storm 4 {args.lock_ops}"
+            out["lock_storm"] = {"command": command, "ratios": storm_ratios, "ns_per_event": events}
     if "connect" in only:
         with tempfile.TemporaryDirectory() as tmp:
-            connect_section(args, build_storm("connect_storm", Path(tmp)))
+            out["connect_storm"] = connect_section(args, build_storm("connect_storm", Path(tmp)))
     if "syscall" in only:
         print("\n### syscall tax: perf bench syscall basic (usecs/op), all default probes vs none")
         arms: dict[str, Arm] = {"all probes": (probe(RunqlatProbe), probe(LockstatProbe), probe(ConnectProbe))}
-        ab("syscall", args.rounds, arms, lambda: syscall_usecs(args.syscalls), False)
+        ratios = ab("syscall", args.rounds, arms, lambda: syscall_usecs(args.syscalls), False)
+        out["syscall"] = {"command": f"perf bench syscall basic -l {args.syscalls}", "ratios": ratios}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

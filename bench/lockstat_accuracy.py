@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.paths import HostPaths  # noqa: E402
 from bench.lock_connect_overhead import build_storm  # noqa: E402
+from host.paths import HostPaths  # noqa: E402
 from probes.base import KernelFacts  # noqa: E402
 from probes.lockstat import LockstatProbe  # noqa: E402
 

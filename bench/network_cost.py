@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.collectors.listen import ListenCollector
 from agent.collectors.ports import PortsCollector
 from agent.exporter import render
-from agent.netns import NetnsIndex
-from agent.paths import HostPaths
-from agent.workloads import Workloads
+from agent.identity.netns import NetnsIndex
+from agent.identity.workloads import Workloads
+from host.paths import HostPaths
 
 HOLDER = """
 import socket, sys, threading, time
@@ -77,7 +77,7 @@ def main() -> int:
             )
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
-        netns = NetnsIndex(HostPaths(), Workloads(None), None)
+        netns = NetnsIndex(HostPaths(), Workloads(None))
         t = time.perf_counter()
         listen, ports = ListenCollector(netns), PortsCollector(netns)
         listen.maintain()  # opens each namespace's handles (setns on a thread), once
@@ -98,7 +98,7 @@ def main() -> int:
         sockets = 2 * args.connections * args.namespaces
         table = f"own {args.child_ehash}-bucket" if args.child_ehash else "the host's shared"
         print(
-            f"namespaces: {len(netns.snapshot())} ({args.namespaces} made + the host's, {table} TCP table), "
+            f"namespaces: {len(netns.handles)} ({args.namespaces} made + the host's, {table} TCP table), "
             f"sockets: {sockets}, {'churn: every namespace changed' if args.churn else 'steady'} between scrapes"
         )
         print(

@@ -18,6 +18,7 @@ every process started here is ended by its pid.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -136,7 +137,9 @@ def measure(tool: Callable[[], Ours | Stock | Floor], argv: list[str]) -> tuple[
     return total_ns / max(ctxt1 - ctxt0, 1), per_prog
 
 
-def bpf_cost(rounds: int, loops: int) -> None:
+def bpf_cost(rounds: int, loops: int) -> dict[str, dict]:
+    """Prints the table of each workload; returns every round's figures (for ``--json``)."""
+    out: dict[str, dict] = {}
     for workload, make_argv in WORKLOADS.items():
         argv = make_argv(loops)
         tools = (Ours, Stock, Floor)
@@ -163,6 +166,8 @@ def bpf_cost(rounds: int, loops: int) -> None:
             f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}); "
             f"nodetune above the empty program: {ours - floor:.0f} ns"
         )
+        out[workload] = {"command": " ".join(argv), "ns_per_switch": per_switch, "programs": programs, "ratios": ratios}
+    return out
 
 
 def pipe_usecs_per_op(loops: int) -> float:
@@ -173,7 +178,8 @@ def pipe_usecs_per_op(loops: int) -> float:
     return float(m.group(1))
 
 
-def pipe_ratio(rounds: int, loops: int) -> None:
+def pipe_ratio(rounds: int, loops: int) -> dict[str, list[float]]:
+    """Prints every round; returns the per-round on/off ratios of each tool (for ``--json``)."""
     ratios: dict[str, list[float]] = {"nodetune": [], "runqlat-bpfcc": []}
     print(f"\n### perf bench sched pipe -l {loops}, pinned to CPU 0: on/off time per op ({rounds} rounds)\n")
     for r in range(rounds):
@@ -188,12 +194,14 @@ def pipe_ratio(rounds: int, loops: int) -> None:
     print()
     for name, values in ratios.items():
         print(f"{name}: median x{statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f})")
+    return ratios
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10, help="alternating rounds (default 10)")
     ap.add_argument("--loops", type=int, default=100000, help="perf bench sched pipe -l (default 100000)")
+    ap.add_argument("--json", type=Path, help="write every round's figures here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench needs root", file=sys.stderr)
@@ -204,10 +212,12 @@ def main() -> int:
     saved = STATS.read_text()
     try:
         STATS.write_text("1\n")
-        bpf_cost(args.rounds, args.loops)
+        cost = bpf_cost(args.rounds, args.loops)
     finally:
         STATS.write_text(saved)
-    pipe_ratio(args.rounds, args.loops)
+    pipe = {"command": " ".join([*PIPE, "-l", str(args.loops)]), "ratios": pipe_ratio(args.rounds, args.loops)}
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": args.rounds, "bpf_cost": cost, "pipe": pipe}, indent=1))
     return 0
 
 

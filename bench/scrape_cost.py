@@ -2,12 +2,14 @@
 
 Makes N pod-like cgroups (``/<bench>/kubepods/burstable/pod<uid>/<container id>`` in the cgroup v2
 hierarchy, as the cgroupfs driver lays them out), each with one task that sleeps and wakes every
-50 ms so that every workload has a histogram row. Runs ``nodetune run`` as a real process, scrapes
-/metrics ``--scrapes`` times (with ``Accept-Encoding: gzip``, as Prometheus does) and reports the
-median and max scrape time and the body size. Then measures, in this process, what reading the
+50 ms so that every workload has a histogram row. Runs ``nodetune run`` as a real process with its
+defaults (every probe and collector), scrapes /metrics ``--scrapes`` times, ``--interval`` seconds
+apart (with ``Accept-Encoding: gzip``, as Prometheus does), and reports the median, p99 and max
+scrape time, the body size, and each collector's median share (the agent's own
+``nodetune_scrape_collector_duration_seconds``). Then measures, in this process, what reading the
 rows costs per row and per CPU (the part that grows with a node's CPU count).
 
-Run as root: ``make bench-scrape`` (``ARGS="--workloads 500 --scrapes 30"``). Every cgroup and
+Run as root: ``make bench-scrape`` (``SCRAPE_ARGS="--workloads 500 --scrapes 60"``). Every cgroup and
 process made here is removed by its pid; cProfile of the agent's scrape with ``--profile``.
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -28,8 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.paths import HostPaths
+from host.paths import HostPaths
 from probes import bpfsys
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_workloads(root: Path, n: int) -> tuple[Path, list[int]]:
@@ -68,7 +74,11 @@ def remove_workloads(top: Path, pids: list[int]) -> None:
     top.rmdir()
 
 
-def scrape(url: str) -> tuple[float, int, int]:
+DURATION = re.compile(rb'^nodetune_scrape_collector_duration_seconds\{collector="([^"]+)"\} (\S+)$', re.M)
+
+
+def scrape(url: str) -> tuple[float, int, int, dict[str, float]]:
+    """(seconds, body bytes, bytes sent, collector -> its seconds by the agent's own count)."""
     req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -76,7 +86,17 @@ def scrape(url: str) -> tuple[float, int, int]:
         gz = r.headers.get("Content-Encoding") == "gzip"
     elapsed = time.perf_counter() - start
     raw = gzip.decompress(body) if gz else body
-    return elapsed, len(raw), len(body)
+    return elapsed, len(raw), len(body), {m[1].decode(): float(m[2]) for m in DURATION.finditer(raw)}
+
+
+def agent_cpu_s(pid: int) -> float:
+    """utime + stime of every thread of ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
 
 
 def read_cost(rows_in_use: int) -> str:
@@ -87,7 +107,7 @@ def read_cost(rows_in_use: int) -> str:
     probe = RunqlatProbe(KernelFacts(cache_dir=Path(tempfile.gettempdir()) / "nodetune-bench-cache"))
     probe.load()
     try:
-        rows = probe.workload_rows[HIST].rows
+        rows = probe.workload_tables[HIST].rows
         wanted = list(range(rows_in_use))
         times = []
         for _ in range(20):
@@ -105,8 +125,8 @@ def read_cost(rows_in_use: int) -> str:
     # them): time it on a synthetic buffer of the same layout for larger CPU counts.
     import numpy as np
 
-    from probes.histogram import ROW_WORDS
-    from probes.rows import sum_over_cpus
+    from metrics.histogram import ROW_WORDS
+    from probes.row_table import sum_over_cpus
 
     for cpus in (2, 32, 96):
         values = np.arange(rows_in_use * cpus * ROW_WORDS, dtype=np.uint64).reshape(rows_in_use, cpus, ROW_WORDS)
@@ -123,9 +143,12 @@ def read_cost(rows_in_use: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", type=int, default=500)
-    ap.add_argument("--scrapes", type=int, default=30)
+    ap.add_argument("--scrapes", type=int, default=60)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes (the timer runs meanwhile)")
+    ap.add_argument("--agent-dir", type=Path, default=ROOT, help="checkout whose agent runs (before/after)")
     ap.add_argument("--profile", action="store_true", help="run the agent under cProfile (to --profile-out)")
     ap.add_argument("--profile-out", default="/tmp/nodetune-scrape.prof")
+    ap.add_argument("--json", type=Path, help="write every scrape's time and the body sizes here")
     args = ap.parse_args()
     root = HostPaths().cgroup_v2()
     if root is None:
@@ -141,9 +164,9 @@ def main() -> int:
             cmd += ["-m", "cProfile", "-o", args.profile_out]
         cmd += ["-m", "agent.cli", "run", "--listen", f"127.0.0.1:{port}", "--cache-dir", str(cache)]
         cmd += ["--log-level", "warning"]
-        agent = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+        agent = subprocess.Popen(cmd, cwd=args.agent_dir)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a loaded machine compiles slowly
         while True:
             try:
                 if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
@@ -155,15 +178,37 @@ def main() -> int:
             time.sleep(0.2)
         time.sleep(2)  # every workload has waited at least once
         scrape(url + "/metrics")  # warm-up
-        results = [scrape(url + "/metrics") for _ in range(args.scrapes)]
+        results = []
+        cpu0, wall0 = agent_cpu_s(agent.pid), time.monotonic()
+        for _ in range(args.scrapes):
+            results.append(scrape(url + "/metrics"))
+            time.sleep(args.interval)
+        cpu_pct = 100 * (agent_cpu_s(agent.pid) - cpu0) / (time.monotonic() - wall0)
         times = [r[0] for r in results]
         body = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
         series = sum(1 for line in body.splitlines() if line.startswith("nodetune_runqueue_latency_seconds_count{"))
-        print(f"workloads: {args.workloads}, runqlat series: {series}, CPUs: {os.cpu_count()}")
+        tcp = Path("/proc/net/sockstat").read_text().split("TCP:")[1].split()
         print(
-            f"scrape: median {statistics.median(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms "
-            f"over {len(times)} scrapes; body {results[-1][1] / 1e6:.2f} MB ({results[-1][2] / 1e3:.0f} kB gzip)"
+            f"workloads: {args.workloads}, runqlat series: {series}, CPUs: {os.cpu_count()}, load average "
+            f"{os.getloadavg()[0]:.1f}, host TCP sockets (ports dumps them): inuse {tcp[tcp.index('inuse') + 1]} "
+            f"tw {tcp[tcp.index('tw') + 1]}"
         )
+        print(
+            f"scrape: median {statistics.median(times) * 1e3:.1f} ms, p99 {p99(times) * 1e3:.1f} ms, "
+            f"max {max(times) * 1e3:.1f} ms over {len(times)} scrapes, {args.interval} s apart; "
+            f"body {results[-1][1] / 1e6:.2f} MB ({results[-1][2] / 1e3:.0f} kB gzip)"
+        )
+        units = sorted({u for r in results for u in r[3]})
+        shares = ", ".join(f"{u} {statistics.median(r[3].get(u, 0.0) for r in results) * 1e3:.1f}" for u in units)
+        print(f"collector medians (ms, the agent's count): {shares}")
+        print(
+            f"agent CPU while scraped every {args.interval} s (scrapes and timer): {cpu_pct:.1f} % of a core, "
+            f"{cpu_pct / 100 * args.interval * 1e3:.0f} ms per interval (less load-dependent than the wall times)"
+        )
+        if args.json:
+            figures = {"workloads": args.workloads, "series": series, "cpus": os.cpu_count(), "seconds": times}
+            figures |= {"body_bytes": results[-1][1], "gzip_bytes": results[-1][2]}
+            args.json.write_text(json.dumps(figures, indent=1))
     finally:
         if agent is not None:
             agent.send_signal(signal.SIGTERM)

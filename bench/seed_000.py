@@ -34,10 +34,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.paths import HostPaths  # noqa: E402
 from bench.lock_connect_overhead import build_storm, kernel, probe  # noqa: E402
+from host.paths import HostPaths  # noqa: E402
+from metrics.histogram import NSLOTS  # noqa: E402
 from probes.connect import FAILURES_WORD, HIST, ConnectProbe  # noqa: E402
-from probes.histogram import NSLOTS  # noqa: E402
 from probes.lockstat import LOCK_TYPES, WORKLOAD, LockstatProbe  # noqa: E402
 from tests.netns import Netns, enter_cgroup  # noqa: E402
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.collectors.throttling import ThrottlingCollector
 from agent.exporter import render
-from agent.paths import HostPaths
-from agent.workloads import Workloads
+from agent.identity.workloads import Workloads
+from host.paths import HostPaths
 
 
 def main() -> int:
@@ -57,7 +57,7 @@ def main() -> int:
             times.append(time.perf_counter() - t)
             series = len(families[0].rows)
         collector.close()
-        print(f"containers: {args.containers}, cgroups in the tree: {len(collector.tree.paths)}, series: {series}")
+        print(f"containers: {args.containers}, cgroups in the tree: {len(collector.cgroups.paths)}, series: {series}")
         print(
             f"collect + render ({len(body) / 1e3:.0f} kB): median {statistics.median(times) * 1e3:.1f} ms, "
             f"max {max(times) * 1e3:.1f} ms over {len(times)} scrapes; one maintain tick {tick * 1e3:.1f} ms"

@@ -10,7 +10,7 @@ the strategy chosen and the reason every other one was passed over, and raises
 
 A probe also declares its settings (``probes.settings``), its event-loss reasons (counted in the
 ``probe_stats`` map of ``common.bpf.h``, exported as ``nodetune_probe_events_lost_total``) and its
-per-workload row sets (``probes.rows``). The program text is ``common.bpf.h`` + the row sets' C +
+per-workload row tables (``probes.row_table``). The program text is ``common.bpf.h`` + the row tables' C +
 the probe's own ``.bpf.c``. Probes read their maps only when ``collect()`` is called (at scrape
 time), do their housekeeping in ``maintain()`` (the agent's timer), and never import the agent:
 workload labels come in through the ``CgroupLabeler`` the agent hands them.
@@ -19,6 +19,7 @@ workload labels come in through the ``CgroupLabeler`` the agent hands them.
 from __future__ import annotations
 
 import abc
+import ctypes
 import logging
 import os
 import threading
@@ -32,11 +33,12 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from probes import histogram
+from host.paths import HostPaths
+from metrics import histogram
+from metrics.workload_series import Labels, Lookup
 from probes.btf import BTF, BTFError
 from probes.headers import HeadersNotFound, KernelHeaders, find_headers
-from probes.rows import Rows, RowSet, WorkloadRows
-from probes.series import Labels, Lookup
+from probes.row_table import RowTable, RowTableSeries, RowTableSpec
 from probes.settings import Setting, SettingError
 
 log = logging.getLogger(__name__)
@@ -77,15 +79,19 @@ class KernelFacts:
     """What probes need to know about the running kernel, discovered once and shared."""
 
     release: str = field(default_factory=lambda: os.uname().release)
-    btf_path: Path = Path("/sys/kernel/btf/vmlinux")
-    host_root: Path = Path("/")
-    sys_root: Path = Path("/sys")
-    proc_root: Path = Path("/proc")
+    host: HostPaths = field(default_factory=HostPaths)
+    """Where the host's files are (``--host-root``): headers, kheaders, kallsyms, pid_max, kprobes."""
+    btf_path: Path | None = None
+    """The kernel's BTF; None: the host's (``host.btf_vmlinux``). Tests inject other files."""
     cache_dir: Path = Path("/var/cache/nodetune")
     workload_hierarchy: str = UNIFIED
     """Which cgroup a task is charged to: its cgroup v2 one, or (``cpu``) its v1 cpu controller's."""
     cgroup2_root: Path | None = None
     """The cgroup v2 hierarchy's root (cgroup BPF programs attach there); None: none mounted."""
+
+    def __post_init__(self) -> None:
+        if self.btf_path is None:
+            self.btf_path = self.host.btf_vmlinux
 
     def describe_headers(self) -> str:
         headers = self.headers
@@ -99,6 +105,11 @@ class KernelFacts:
             log.info("no usable kernel BTF: %s", e)
             return None
 
+    def forget_btf(self) -> None:
+        """Drop the parsed BTF (about 11 MiB of Python objects for a 6.x vmlinux): only loading
+        reads it. A later load parses the file again."""
+        self.__dict__.pop("btf", None)
+
     @cached_property
     def task_btf(self) -> bool:
         """bpf_get_current_task_btf() exists (its implementation is a kernel function since 5.11)."""
@@ -107,7 +118,7 @@ class KernelFacts:
     @cached_property
     def headers(self) -> KernelHeaders | HeadersNotFound:
         try:
-            return find_headers(self.release, self.host_root, self.sys_root, self.cache_dir)
+            return find_headers(self.release, self.host, self.cache_dir)
         except (HeadersNotFound, OSError) as e:
             return e if isinstance(e, HeadersNotFound) else HeadersNotFound(str(e))
 
@@ -255,9 +266,10 @@ class Probe(abc.ABC):
         self.config = self.validate_settings(settings)
         self.attach: str | None = None  # strategy in use once loaded
         self.skipped: dict[str, str] = {}  # strategy -> why it was not used
-        self.workload_rows: dict[str, WorkloadRows] = {}
-        self.keyed_rows: dict[str, Rows] = {}  # row sets keyed by something else than a workload
+        self.workload_tables: dict[str, RowTableSeries] = {}
+        self.keyed_tables: dict[str, RowTable] = {}  # row tables keyed by something else than a workload
         self._bpf: Any = None
+        self._map_fds: list[int] = []  # the maps' fds once BCC's module is dropped (_drop_module)
         self._paused: Hooks | None = None  # what pause() detached
         self._lock = threading.Lock()
 
@@ -274,12 +286,12 @@ class Probe(abc.ABC):
     def source(self) -> str:
         return resources.files("probes").joinpath(self.source_file).read_text()
 
-    def row_sets(self) -> tuple[RowSet, ...]:
-        """Per-workload row tables this probe aggregates into (probes/rows.py)."""
+    def row_tables(self) -> tuple[RowTableSpec, ...]:
+        """Per-workload row tables this probe aggregates into (probes/row_table.py)."""
         return ()
 
     def lost_reasons(self) -> tuple[str, ...]:
-        reasons = (rs.full_reason for rs in self.row_sets())
+        reasons = (rs.full_reason for rs in self.row_tables())
         return tuple(dict.fromkeys((*reasons, *self.stat_reasons)))
 
     def all_stat_reasons(self) -> tuple[str, ...]:
@@ -295,7 +307,7 @@ class Probe(abc.ABC):
         strategy = strategy or self.strategies[0]
         reasons = self.all_stat_reasons()
         common = resources.files("probes").joinpath("common.bpf.h").read_text()
-        text = "\n".join([common, *(rs.c_source() for rs in self.row_sets()), self.source()])
+        text = "\n".join([common, *(rs.c_source() for rs in self.row_tables()), self.source()])
         flags = [
             *histogram.cflags(),
             f"-DNSTATS={max(len(reasons), 1)}",
@@ -313,6 +325,11 @@ class Probe(abc.ABC):
         """Why ``strategy`` cannot work here without trying it, or None if worth a try."""
         return None
 
+    def refused(self, strategy: str) -> str | None:
+        """Why the running kernel refuses ``strategy``, found by a trial much cheaper than compiling
+        the probe (e.g. loading a stub program); None: worth compiling. Asked after ``unsupported``."""
+        return None
+
     # --- kernel parts ---------------------------------------------------------------------
     def _candidates(self) -> tuple[str, ...]:
         if self.only_strategies is None:
@@ -321,6 +338,28 @@ class Probe(abc.ABC):
         if unknown:
             raise ValueError(f"{self.name}: unknown attach strategies {sorted(unknown)}")
         return tuple(s for s in self.strategies if s in self.only_strategies)
+
+    def prefetch(self) -> None:
+        """Work out, ahead of ``load()``, the facts its checks read in Python: the kernel's BTF
+        (0.2 s to parse here), each candidate strategy's ``unsupported()`` check (lockstat's reads
+        /proc/kallsyms, 0.5 s). Reads only, nothing before the kernel's headers are known, and
+        never raises: ``load()`` finds any error again.
+
+        Why: a BCC compile runs in C without the GIL (0.7-1 s a probe), so the daemon calls this for
+        the next probes on a helper thread while the current one compiles, and that Python time is
+        no longer added to the start (agent/daemon.py ``load_probes``)."""
+        kernel = self.kernel
+        # Headers are found (and maybe merged into the cache) by the loader before any prefetch:
+        # never on this thread, where it would build trees while another probe compiles.
+        if isinstance(kernel.__dict__.get("headers", HeadersNotFound()), HeadersNotFound):
+            return
+        try:
+            kernel.btf  # noqa: B018 (cached properties, shared by every probe: parsed once)
+            kernel.task_btf  # noqa: B018
+            for strategy in self._candidates():
+                self.unsupported(strategy)
+        except Exception as e:  # load() meets it again and says so
+            log.debug("probe %s: prefetch: %s: %s", self.name, type(e).__name__, e)
 
     def load(self) -> None:
         """Compile, load and attach with the first strategy that works; raise ProbeUnavailable."""
@@ -334,13 +373,14 @@ class Probe(abc.ABC):
             raise ProbeUnavailable(f"BCC python module not importable: {e}") from e
         for strategy in self._candidates():
             try:
-                reason = self.unsupported(strategy)
+                reason = self.unsupported(strategy) or self.refused(strategy)
                 if reason is None:
                     text, cflags = self.render(strategy)
                     self._before_load(strategy)
                     self._bpf = BPF(text=text.encode(), cflags=cflags)
                     self._attach_rows()
                     self._after_load(strategy)
+                    self._drop_module()
                     self.attach = strategy
                     log.info("probe %s attached via %s", self.name, strategy)
                     return
@@ -363,13 +403,13 @@ class Probe(abc.ABC):
         return text
 
     def _attach_rows(self) -> None:
-        sets = self.row_sets()
-        self.workload_rows = {
-            rs.name: WorkloadRows(Rows(rs, self.table), self.labeler.resolve, self.series_grace_s)
+        sets = self.row_tables()
+        self.workload_tables = {
+            rs.name: RowTableSeries(RowTable(rs, self.table), self.labeler.resolve, self.series_grace_s)
             for rs in sets
             if rs.per_workload
         }
-        self.keyed_rows = {rs.name: Rows(rs, self.table) for rs in sets if not rs.per_workload}
+        self.keyed_tables = {rs.name: RowTable(rs, self.table) for rs in sets if not rs.per_workload}
 
     def _before_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: prepare the host for ``strategy`` (e.g. make tracefs visible)."""
@@ -379,6 +419,27 @@ class Probe(abc.ABC):
 
     def _after_close(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: undo ``_before_load``."""
+
+    def _drop_module(self) -> None:
+        """Free BCC's module once the probe is loaded and attached: its compiled sections, clang's
+        and LLVM's state and the JIT-compiled key/leaf printers of every map (about 7 MiB for the
+        three default probes). What stays in use does not need it: the programs' fds (BPF.funcs,
+        which pause()/resume() attach again), the attach fds, and the maps' table objects, which
+        read and write through their map fd only (BCC 0.26 bcc/table.py). So every map's table is
+        made first, its fd duplicated (the module closes its own), then the module destroyed."""
+        from bcc import lib  # loaded: BCC is importable
+
+        bpf = self._bpf
+        # BCC's Python layer declares no types for these two (libbcc's bcc_common.h)
+        lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+        lib.bpf_table_name.restype = ctypes.c_char_p
+        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        for i in range(lib.bpf_num_tables(bpf.module)):
+            table = bpf[lib.bpf_table_name(bpf.module, i)]
+            table.map_fd = os.dup(table.map_fd)
+            self._map_fds.append(table.map_fd)
+        lib.bpf_module_destroy(bpf.module)
+        bpf.module = None  # BPF.close() then skips the module; table() serves made tables only
 
     def table(self, name: str) -> Any:
         if self._bpf is None:
@@ -391,7 +452,7 @@ class Probe(abc.ABC):
         with self._lock:
             if self._bpf is None:
                 return
-            for rows in self.workload_rows.values():
+            for rows in self.workload_tables.values():
                 rows.maintain()
 
     def read_stats(self) -> dict[str, int]:
@@ -399,8 +460,8 @@ class Probe(abc.ABC):
         return {reason: sum(table[table.Key(i)]) for i, reason in enumerate(self.all_stat_reasons())}
 
     def series(self, rows: str) -> dict[Labels, list[int]]:
-        """Label set -> monotonic counters of one row set (scrape time)."""
-        return self.workload_rows[rows].collect()
+        """Label set -> monotonic counters of one row table (scrape time)."""
+        return self.workload_tables[rows].collect()
 
     def lost_family(self) -> Metric:
         lost = CounterMetricFamily(
@@ -426,14 +487,17 @@ class Probe(abc.ABC):
 
     def _close_bpf(self) -> None:
         self._paused = None
-        self.workload_rows = {}
-        self.keyed_rows = {}
+        self.workload_tables = {}
+        self.keyed_tables = {}
         if self._bpf is not None:
             try:
                 detach_kprobes(self._bpf)  # before BCC's cleanup(), which would write kprobe_events
                 self._bpf.cleanup()
             finally:
                 self._bpf = None
+                for fd in self._map_fds:
+                    os.close(fd)
+                self._map_fds = []
 
     def close(self) -> None:
         """Detach and free everything; safe to call twice or on a probe that never loaded."""

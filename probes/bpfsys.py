@@ -10,6 +10,10 @@
   cgroup_bpf_link_attach passes BPF_F_ALLOW_MULTI), so Cilium's or Calico's stay in place.
 * ``prog_test_run``: ``BPF_PROG_TEST_RUN`` of a raw-tracepoint program with given arguments
   (kernel >= 5.10, net/bpf/test_run.c ``bpf_prog_test_run_raw_tp``), so tests run the real C.
+* ``tracing_refused``: ``BPF_PROG_LOAD`` of a two-instruction fentry/fexit program on a kernel
+  function (kernel >= 5.5): whether the kernel takes tracing programs there at all, known in
+  microseconds instead of after a compile (kernels built without what fentry needs, or locked
+  down, refuse every such program with EPERM whatever its body).
 * ``enable_run_time_stats``: ``BPF_ENABLE_STATS`` (kernel >= 5.8): the kernel times every BPF
   program run for as long as the returned fd is open; the last close turns it off again. Unlike
   the ``kernel.bpf_stats_enabled`` sysctl it cannot be left on by a process that dies.
@@ -33,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from host import libc
+
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_TEST_RUN = 10
@@ -40,10 +46,10 @@ BPF_LINK_CREATE = 28
 BPF_PROG_QUERY = 16
 BPF_CGROUP_SOCK_OPS = 3  # enum bpf_attach_type
 BPF_ENABLE_STATS = 32
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY, BPF_TRACE_FEXIT = 24, 25  # enum bpf_attach_type
 BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class BPFSyscallError(OSError):
@@ -54,32 +60,40 @@ def _bpf(cmd: int, attr: ctypes.Array) -> int:
     nr = _NR_BPF.get(platform.machine())
     if nr is None:
         raise BPFSyscallError(errno.ENOSYS, f"bpf(2) number unknown for {platform.machine()}")
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise BPFSyscallError(err, f"bpf cmd {cmd}: {os.strerror(err)}")
-    return ret
+    try:
+        return libc.syscall(nr, ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    except OSError as e:
+        raise BPFSyscallError(e.errno, f"bpf cmd {cmd}: {e.strerror}") from None
 
 
 @cache
 def possible_cpus(sys_root: str = "/sys") -> int:
-    """Number of possible CPUs (the per-CPU value count), from ``devices/system/cpu/possible``."""
+    """Number of possible CPUs (the per-CPU value count), from ``devices/system/cpu/possible``: the
+    CPUs in the list, not the highest number + 1. A per-CPU map's value holds one slot per possible
+    CPU, packed (kernel/bpf/arraymap.c bpf_percpu_array_copy: for_each_possible_cpu, and
+    num_possible_cpus() in bpf_map_value_size), so a list with gaps ("0-3,8-11") has 8, not 12."""
     text = (Path(sys_root) / "devices/system/cpu/possible").read_text().strip()
-    highest = 0
+    count = 0
     for part in text.split(","):
-        highest = max(highest, int(part.split("-")[-1]))
-    return highest + 1
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 def lookup_batch(map_fd: int, start: int, count: int, value_size: int, percpu: bool) -> np.ndarray:
     """Values of array entries ``start .. start+count-1``: a u64 array shaped
     (entries, CPUs, words) (CPUs = 1 for maps that are not per-CPU; words =
-    ``round_up(value_size, 8) / 8``), a view of the buffer the kernel filled (no copy)."""
+    ``round_up(value_size, 8) / 8``), a view of the buffer the kernel filled (no copy). The range
+    must lie within the map: anything else raises ERANGE."""
+    if start < 0 or count < 0 or start + count > 2**32:
+        raise BPFSyscallError(errno.ERANGE, f"batch read of {count} entries from index {start}")
     words = (value_size + 7) // 8
     cpus = possible_cpus() if percpu else 1
     values = (ctypes.c_uint64 * (words * cpus * max(count, 1)))()
     keys = (ctypes.c_uint32 * max(count, 1))()
-    in_batch = ctypes.c_uint32(start)
+    # in_batch is the key *before* the first one read (kernel/bpf/syscall.c generic_map_lookup_batch:
+    # it is prev_key of map_get_next_key), and no in_batch at all starts at the map's first key.
+    in_batch = ctypes.c_uint32(start - 1 if start else 0)
     out_batch = ctypes.c_uint32(0)
     # union bpf_attr.batch: in_batch, out_batch, keys, values (u64 pointers), count, map_fd (u32), elem_flags, flags
     attr = ctypes.create_string_buffer(
@@ -102,7 +116,10 @@ def lookup_batch(map_fd: int, start: int, count: int, value_size: int, percpu: b
             if e.errno != errno.ENOENT:  # ENOENT: the range ended at the map's end (count updated)
                 raise
         got = struct.unpack_from("<I", attr.raw, 32)[0]
-        if got != count:
+        # An array's get_next_key answers 0 for any prev_key at or past the end but the last
+        # (kernel/bpf/arraymap.c array_map_get_next_key), so a start two or more past the end reads
+        # from 0 again: the keys the kernel filled in say which entries came back.
+        if got != count or keys[0] != start or keys[count - 1] != start + count - 1:
             raise BPFSyscallError(errno.ERANGE, f"batch read {got} of {count} entries from index {start}")
     return np.frombuffer(values, dtype=np.uint64, count=words * cpus * count).reshape(count, cpus, words)
 
@@ -138,12 +155,34 @@ def link_cgroup(prog_fd: int, cgroup_dir: str, attach_type: int) -> int:
         os.close(cgroup_fd)
 
 
-def attached_count(target_fd: int, attach_type: int) -> int:
-    """How many programs are attached to a cgroup hook (``BPF_PROG_QUERY``, effective or not)."""
-    # union bpf_attr.query: target_fd, attach_type, query_flags, attach_flags, prog_ids (u64), prog_cnt
-    attr = ctypes.create_string_buffer(struct.pack("<IIIIQI", target_fd, attach_type, 0, 0, 0, 0) + bytes(36))
-    _bpf(BPF_PROG_QUERY, attr)
-    return struct.unpack_from("<I", attr.raw, 24)[0]
+def tracing_refused(attach_btf_id: int, attach_type: int) -> str | None:
+    """Why the kernel refuses a minimal tracing program (``r0 = 0; exit``, GPL) of ``attach_type``
+    (BPF_TRACE_FENTRY/FEXIT) on the vmlinux BTF function ``attach_btf_id``; None if it loads (the
+    program is closed at once, never attached)."""
+    insns = ctypes.create_string_buffer(struct.pack("<BBhiBBhi", 0xB7, 0, 0, 0, 0x95, 0, 0, 0))  # mov r0, 0; exit
+    license = ctypes.create_string_buffer(b"GPL")
+    # union bpf_attr.prog_load: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+    # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type, prog_btf_fd,
+    # func_info_rec_size, func_info, func_info_cnt, line_info_rec_size, line_info, line_info_cnt,
+    # attach_btf_id (offset 108)
+    fields = struct.pack(
+        "<IIQQIIQII16sIIIIQIIQII",
+        BPF_PROG_TYPE_TRACING,
+        2,
+        ctypes.addressof(insns),
+        ctypes.addressof(license),
+        *(0, 0, 0, 0, 0),
+        b"nodetune_trial",
+        0,
+        attach_type,
+        *(0, 0, 0, 0, 0, 0, 0),
+        attach_btf_id,
+    )
+    try:
+        os.close(_bpf(BPF_PROG_LOAD, ctypes.create_string_buffer(fields + bytes(144 - len(fields)))))
+    except BPFSyscallError as e:
+        return f"BPF_PROG_LOAD of a minimal tracing program: {os.strerror(e.errno)}"
+    return None
 
 
 def enable_run_time_stats() -> int:

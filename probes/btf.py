@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 BTF_MAGIC = 0xEB9F
 
@@ -106,10 +109,21 @@ class BTF:
         name_off, info, size_or_type = struct.unpack_from("<III", self._data, pos)
         return name_off, (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, size_or_type
 
+    @cached_property
+    def _name_offs(self) -> np.ndarray:
+        """Each type id's name offset (id 0: void, none), built at the first lookup: a lookup is
+        then one vectorised compare instead of a walk over every record (126,669 types in a 6.18
+        vmlinux; the walks took 0.5 s of a start with every probe)."""
+        unpack = struct.unpack_from
+        data = self._data
+        offs = np.fromiter((unpack("<I", data, pos)[0] for pos in self._pos[1:]), np.uint32, len(self._pos) - 1)
+        return np.concatenate([np.array([0xFFFFFFFF], np.uint32), offs])
+
     def _find(self, name: str, kinds: set[int]) -> int:
         offsets = self._name_offsets(name)
         if offsets:
-            for type_id in range(1, len(self._pos)):
+            candidates = np.flatnonzero(np.isin(self._name_offs, np.fromiter(offsets, np.uint32, len(offsets))))
+            for type_id in candidates.tolist():
                 name_off, kind, vlen, _, _ = self._record(type_id)
                 # A forward declaration or an empty struct is not the definition.
                 if name_off in offsets and kind in kinds and (kind not in (KIND_STRUCT, KIND_UNION) or vlen):
@@ -176,6 +190,10 @@ class BTF:
         except BTFError:
             return False
         return True
+
+    def function_id(self, name: str) -> int:
+        """Type id of kernel function ``name``'s FUNC record (a tracing program's attach_btf_id)."""
+        return _guarded(self._find, name, {KIND_FUNC})
 
     def function_params(self, name: str) -> tuple[str, ...]:
         """Parameter names of kernel function ``name``, in order (its FUNC record's FUNC_PROTO).

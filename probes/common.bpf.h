@@ -3,7 +3,7 @@
  * Prepended to every probe's program by probes/base.py (BCC rewrites map calls only in the main
  * text, so this is text, not an #include). Macros set from Python, never edited here:
  *
- *   NSLOTS            histogram slots (probes/histogram.py): slot 0 = le 1 us ... slot NSLOTS-2 =
+ *   NSLOTS            histogram slots (metrics/histogram.py): slot 0 = le 1 us ... slot NSLOTS-2 =
  *                     le 2^(NSLOTS-2) us, slot NSLOTS-1 = +Inf
  *   NSTATS, STAT_*    the probe's event-loss reasons (Probe.stat_reasons), counted per CPU
  *   TASK_CGROUPS_OFF  offsetof(task_struct, cgroups), wherever BTF has it

@@ -2,7 +2,7 @@
 /*
  * connect() local-port allocation, per workload: how long the kernel spent choosing a local port
  * (the ephemeral port search of __inet_hash_connect(), net/ipv4/inet_hashtables.c) and how many
- * connects found none free. Rows "connect_port_search_seconds" (probes/rows.py): NSLOTS counts,
+ * connects found none free. Rows "connect_port_search_seconds" (probes/row_table.py): NSLOTS counts,
  * the sum in ns, then the failures (FAILURES_WORD).
  *
  * STRATEGY_FEXIT (fentry + fexit) and STRATEGY_KPROBE (kprobe + kretprobe): the search itself,
@@ -20,7 +20,7 @@
  * TCP_SYN_SENT, which tcp_v4_connect() and tcp_v6_connect() set immediately before
  * inet_hash_connect().
  *
- * STRATEGY_STATE (one raw tracepoint, nothing else): the search in flight is keyed by the socket
+ * STRATEGY_TRACEPOINT (one raw tracepoint, nothing else): the search in flight is keyed by the socket
  * and ends when the socket leaves SYN_SENT (ESTABLISHED, or CLOSE on any failure).
  *   success the SYN went out since the start: tcp_connect() refreshed tp->tcp_clock_cache
  *           (tcp_mstamp_refresh(), ktime_get_ns(): the clock of bpf_ktime_get_ns()) and
@@ -31,7 +31,7 @@
  *           right after inet_hash_connect() failed. A connection refused or timed out later has
  *           sent its SYN. (Not inet_num == 0: tcp_set_state(TCP_CLOSE) -> inet_put_port() zeroes
  *           it before the tracepoint fires, for every autobound socket.)
- * STRATEGY_STATE_SOCKOPS (the tracepoint and a sock_ops program on the cgroup v2 root):
+ * STRATEGY_TRACEPOINT_SOCKOPS (the tracepoint and a sock_ops program on the cgroup v2 root):
  *   success BPF_SOCK_OPS_TCP_CONNECT_CB, called from tcp_connect() once the port is chosen
  *           (always, no callback flags needed), in the connecting task. connect() is synchronous,
  *           so the search in flight is keyed by the task; sock_ops cannot key by the socket (the
@@ -56,8 +56,8 @@
 #define EADDRNOTAVAIL_ 99 /* include/uapi/asm-generic/errno.h */
 
 struct search {
-    u64 key; /* the socket (STATE) or the connecting task's task_struct; 0 = free */
-    u64 sk;  /* the socket (STATE_SOCKOPS: checked at the failure end); FEXIT, KPROBE: is TCP */
+    u64 key; /* the socket (TRACEPOINT) or the connecting task's task_struct; 0 = free */
+    u64 sk;  /* the socket (TRACEPOINT_SOCKOPS: checked at the failure end); FEXIT, KPROBE: is TCP */
     u64 ts;  /* ns when the search began */
     u64 wid; /* workload of the connecting task */
 };
@@ -175,14 +175,14 @@ int kretprobe____inet_hash_connect(struct pt_regs *ctx)
 }
 #endif /* STRATEGY_KPROBE */
 
-#if defined(STRATEGY_STATE) || defined(STRATEGY_STATE_SOCKOPS)
+#if defined(STRATEGY_TRACEPOINT) || defined(STRATEGY_TRACEPOINT_SOCKOPS)
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
     /* TP_PROTO(const struct sock *sk, const int oldstate, const int newstate) */
     int oldstate = (int)ctx->args[1];
     int newstate = (int)ctx->args[2];
     int begin = oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT;
-#ifdef STRATEGY_STATE
+#ifdef STRATEGY_TRACEPOINT
     if (!begin && oldstate != TCP_SYN_SENT)
 #else
     if (!begin && !(oldstate == TCP_SYN_SENT && newstate == TCP_CLOSE))
@@ -191,7 +191,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     u64 sk = ctx->args[0];
     if (!is_tcp(sk))
         return 0;
-#ifdef STRATEGY_STATE
+#ifdef STRATEGY_TRACEPOINT
     if (begin) {
         search_begin(sk, sk);
         return 0;
@@ -232,7 +232,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 }
 #endif /* tracepoint strategies */
 
-#ifdef STRATEGY_STATE_SOCKOPS
+#ifdef STRATEGY_TRACEPOINT_SOCKOPS
 int connect_sockops(struct bpf_sock_ops *skops)
 {
     if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
@@ -245,4 +245,4 @@ int connect_sockops(struct bpf_sock_ops *skops)
     }
     return 1; /* never changes the connection: reply untouched */
 }
-#endif /* STRATEGY_STATE_SOCKOPS */
+#endif /* STRATEGY_TRACEPOINT_SOCKOPS */

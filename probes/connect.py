@@ -34,20 +34,20 @@ from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
 
+from metrics.exposition import CompactHistogram, CompactScalar
+from metrics.histogram import NSLOTS, ROW_WORDS
 from probes import bpfsys
 from probes.base import Probe
 from probes.btf import BTFError
-from probes.families import CompactHistogram, CompactScalar
-from probes.histogram import NSLOTS, ROW_WORDS
-from probes.rows import RowSet
+from probes.row_table import RowTableSpec
 from probes.settings import Setting
 
 log = logging.getLogger(__name__)
 
 FEXIT = "fexit"
 KPROBE = "kprobe"
-STATE = "tracepoint"
-STATE_SOCKOPS = "tracepoint+sock_ops"
+TRACEPOINT = "tracepoint"
+TRACEPOINT_SOCKOPS = "tracepoint+sock_ops"
 SEARCH_FUNCTION = "__inet_hash_connect"  # net/ipv4/inet_hashtables.c: the ephemeral port search
 HIST = "connect_port_search_seconds"
 FAILURES_WORD = ROW_WORDS  # after the histogram's slots and sum
@@ -57,7 +57,7 @@ class ConnectProbe(Probe):
     """See module docstring."""
 
     name = "connect"
-    strategies = (FEXIT, KPROBE, STATE, STATE_SOCKOPS)
+    strategies = (FEXIT, KPROBE, TRACEPOINT, TRACEPOINT_SOCKOPS)
     source_file = "connect.bpf.c"
     settings = (
         Setting("max_cgroups", 1024, "in-kernel per-workload rows (208 B x CPUs each)", maximum=65536),
@@ -76,8 +76,8 @@ class ConnectProbe(Probe):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._link_fd: int | None = None
 
-    def row_sets(self) -> tuple[RowSet, ...]:
-        return (RowSet(HIST, ROW_WORDS + 1, self.config["max_cgroups"]),)
+    def row_tables(self) -> tuple[RowTableSpec, ...]:
+        return (RowTableSpec(HIST, ROW_WORDS + 1, self.config["max_cgroups"]),)
 
     def _offsets(self) -> dict[str, int] | str:
         """Offsets of the socket members the C reads, from BTF; or why they are not readable."""
@@ -117,27 +117,41 @@ class ConnectProbe(Probe):
 
     def unsupported(self, strategy: str) -> str | None:
         if strategy in (FEXIT, KPROBE):
-            if strategy == KPROBE and not (self.kernel.sys_root / "bus/event_source/devices/kprobe").exists():
+            if strategy == KPROBE and not (self.kernel.host.sys / "bus/event_source/devices/kprobe").exists():
                 return "no kprobes (no kprobe PMU in /sys/bus/event_source/devices: CONFIG_KPROBES off)"
             params = self._search_params()
             if isinstance(params, str):
                 return params
             if strategy == KPROBE and params[0] >= 6:
                 return f"socket is parameter {params[0] + 1} of {SEARCH_FUNCTION}: not in a register"
-        if strategy == STATE_SOCKOPS and self.kernel.cgroup2_root is None:
+        if strategy == TRACEPOINT_SOCKOPS and self.kernel.cgroup2_root is None:
             return "no cgroup v2 hierarchy mounted to attach the sock_ops program to"
         btf = self.kernel.btf
         tracepoint = btf is None or btf.has_function("__traceiter_inet_sock_set_state")
-        if strategy in (STATE, STATE_SOCKOPS) and not tracepoint:
+        if strategy in (TRACEPOINT, TRACEPOINT_SOCKOPS) and not tracepoint:
             return "no sock:inet_sock_set_state tracepoint (kernel < 4.16)"
         offsets = self._offsets()
         return offsets if isinstance(offsets, str) else None
+
+    def refused(self, strategy: str) -> str | None:
+        """fexit: a stub fexit program on the search function, loaded and closed (bpfsys), tells
+        whether the kernel takes tracing programs at all before the probe is compiled for it."""
+        btf = self.kernel.btf
+        if strategy != FEXIT or btf is None:
+            return None
+        try:
+            refused = bpfsys.tracing_refused(btf.function_id(SEARCH_FUNCTION), bpfsys.BPF_TRACE_FEXIT)
+        except BTFError as e:
+            return f"{SEARCH_FUNCTION} not in BTF: {e}"
+        return f"the kernel refused a stub fexit program on {SEARCH_FUNCTION}: {refused}" if refused else None
 
     def cflags(self, strategy: str) -> list[str]:
         offsets = self._offsets()
         if isinstance(offsets, str):
             raise ValueError(offsets)
-        macro = {FEXIT: "FEXIT", KPROBE: "KPROBE", STATE: "STATE", STATE_SOCKOPS: "STATE_SOCKOPS"}[strategy]
+        macro = {FEXIT: "FEXIT", KPROBE: "KPROBE", TRACEPOINT: "TRACEPOINT", TRACEPOINT_SOCKOPS: "TRACEPOINT_SOCKOPS"}[
+            strategy
+        ]
         hooked: list[str] = []
         if strategy in (FEXIT, KPROBE):
             params = self._search_params()
@@ -154,7 +168,7 @@ class ConnectProbe(Probe):
         ]
 
     def _after_load(self, strategy: str) -> None:
-        if strategy == STATE_SOCKOPS:
+        if strategy == TRACEPOINT_SOCKOPS:
             self._link()
 
     def _link(self) -> None:
@@ -173,7 +187,7 @@ class ConnectProbe(Probe):
         self._unlink()
 
     def _resume_hooks(self) -> None:
-        if self.attach == STATE_SOCKOPS:
+        if self.attach == TRACEPOINT_SOCKOPS:
             self._link()
 
     def _close_bpf(self) -> None:

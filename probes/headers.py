@@ -7,29 +7,52 @@ Order of preference (first that exists wins):
 2. the kernel's built-in archive ``/sys/kernel/kheaders.tar.xz`` (``CONFIG_IKHEADERS``),
    extracted once into the private cache;
 3. a distribution header set for another release (``/usr/src/linux-headers-<ver>-common`` plus
-   ``-<flavour>``), merged into one private tree of symlinks.
+   ``-<flavour>``), merged into one private tree of symlinks. The host's ``/usr/src`` is searched,
+   and, when the host is mounted elsewhere (the agent in a container), the image's own ``/usr/src``
+   (``image_src``): headers baked into the agent's image.
 
 Where the tree is not where BCC looks by itself, it is named by ``BCC_KERNEL_SOURCE``, which BCC
 reads on every compile (src/cc/frontends/clang/loader.cc). Nothing is ever written under
 ``/lib/modules``: trees we build live in the cache directory, made in a temporary directory and
 renamed into place so that a half-built tree is never used. A mismatched set (case 3) is only safe
 for programs that read tracepoint fields, helpers and BTF-derived offsets — which is all ours do.
+
+The cache (``<cache_dir>/headers``) tidies itself when headers are looked for (once per agent
+start). Every process that builds a tree holds a shared ``flock(2)`` on ``headers/.lock`` from the
+temporary directory's creation to its rename; the kernel drops it when the process dies, SIGKILL
+included. A process that gets the lock exclusively (without waiting) therefore knows that nobody is
+building: it removes every entry that is not a finished tree (temporary trees of killed builds,
+under their old ``<tree>.XXXXXXXX`` names too, and trees set aside to be removed), then keeps the
+``keep_trees`` most recently used finished trees (the one it is about to use always among them) and
+removes the others. If the lock is held, it tidies nothing: a later start will. A tree's last use
+is its stamp's modification time, touched at every use.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from host.paths import HostPaths
+
 # BCC uses only these subtrees (include paths in src/cc/frontends/clang/kbuild_helper.cc).
 _TREES = ("include", "arch")
+IMAGE_SRC = Path("/usr/src")  # the agent image's own header sets (used when the host is mounted elsewhere)
+KEEP_TREES = 3  # finished trees kept in the cache (each up to ~60 MB and 16,000 entries)
+LOCK = ".lock"  # headers/.lock: shared while building, exclusive while tidying
+BUILDING = ".building."  # prefix of a tree being built: <BUILDING><tree>.XXXXXXXX
+STALE = ".stale."  # prefix of a tree set aside to be removed
+LOCK_WAIT = 300.0  # s to wait for another process's tidy (3 leftovers of 16,447 entries: 3 to 21 s here)
 
 
 class HeadersNotFound(Exception):
@@ -92,10 +115,11 @@ def _is_tree(path: Path) -> bool:
 def _build_atomically(dest: Path, build: Callable[[Path], None]) -> None:
     """Run ``build(tmp)`` in a temporary sibling of ``dest`` and rename it into place.
 
-    A half-built tree is never visible; if another process won the race its tree is kept.
+    A half-built tree is never visible; if another process won the race its tree is kept. The
+    caller holds the cache lock shared (``_cache_lock``), so the temporary tree is not tidied away.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=BUILDING + dest.name + ".", dir=dest.parent))
     try:
         build(tmp)
         os.rename(tmp, dest)
@@ -111,6 +135,94 @@ def _build_atomically(dest: Path, build: Callable[[Path], None]) -> None:
 STAMP = ".nodetune-tree"  # written last inside a built tree: what it was built from
 
 
+def _discard(path: Path) -> None:
+    """Remove ``path``: first renamed aside (atomic), so that a removal cut short never leaves a
+    tree that still has its stamp but lacks files."""
+    if path.is_dir() and not path.is_symlink() and not path.name.startswith(STALE):
+        aside = Path(tempfile.mkdtemp(prefix=STALE + path.name + ".", dir=path.parent))
+        os.rename(path, aside / "tree")
+        path = aside
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# Temporary trees of versions before BUILDING: <tree>.XXXXXXXX (tempfile.mkdtemp's 8 characters).
+# A release's last dot-separated part holds a "-" (6.1.0-57-amd64), so no finished tree matches.
+OLD_TEMPORARY = re.compile(r"^(host|kheaders|distribution)-.+\.[a-z0-9_]{8}$")
+
+
+def _finished(path: Path) -> bool:
+    """A tree find_headers() built and may use: stamped (the stamp is written last) and named as
+    a tree, not as a temporary one (a build killed between its stamp and its rename)."""
+    name = path.name
+    if name.startswith((BUILDING, STALE)) or OLD_TEMPORARY.match(name):
+        return False
+    return not path.is_symlink() and (path / STAMP).is_file()
+
+
+def _last_use(tree: Path) -> int:
+    try:
+        return (tree / STAMP).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _tidy(headers: Path, current: str | None, keep: int) -> None:
+    """Remove what is not a finished tree, and finished trees beyond the ``keep`` most recently
+    used (``current``, the one about to be used, is always kept). Only with the lock exclusive."""
+    trees = []
+    for entry in headers.iterdir():
+        if entry.name == LOCK:
+            continue
+        if _finished(entry):
+            trees.append(entry)
+            continue
+        # A build killed midway (<BUILDING>…, or <tree>.XXXXXXXX before), a removal cut short. A
+        # failure here is tried again at the next start, never a reason to fail the headers.
+        with suppress(OSError):
+            _discard(entry)
+    others = sorted((t for t in trees if t.name != current), key=_last_use, reverse=True)
+    for tree in others[max(keep - (current is not None), 0) :]:
+        with suppress(OSError):
+            _discard(tree)
+
+
+@contextmanager
+def _cache_lock(headers: Path, current: str | None, keep: int, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """Hold ``headers/.lock`` shared for the body (trees may be built), after tidying the cache if
+    nobody else holds it (see the module docstring)."""
+    fd = None
+    with suppress(OSError):  # a read-only cache: nothing can be built or tidied; a finished tree is still used
+        headers.mkdir(parents=True, exist_ok=True)
+        fd = os.open(headers / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # someone is building (or tidying): leave the cache as it is
+        else:
+            _tidy(headers, current, keep)
+        # Shared from here (a conversion may let a tidy of another process in between: harmless,
+        # ours is done). A tidy holds it exclusively for as long as a few removals take.
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HeadersNotFound(f"{headers / LOCK}: held exclusively for over {wait:.0f} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _identity(sources: list[Path]) -> str:
     """What a built tree depends on: each source's real path and modification time (a package
     upgrade replaces the directories, so their mtimes change)."""
@@ -121,34 +233,37 @@ def _identity(sources: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ensure_tree(dest: Path, sources: list[Path], build: Callable[[Path], None]) -> None:
+def _ensure_tree(dest: Path, sources: list[Path], build: Callable[[Path], None], keep: int = KEEP_TREES) -> None:
     """Build ``dest`` unless it exists with a stamp matching ``sources``. A tree without a stamp
     (left by an older version or an interrupted build) or with a stale one is moved aside, removed
-    and rebuilt."""
+    and rebuilt. The cache is tidied first (``_cache_lock``); a tree used as it is gets its stamp
+    touched (its last use, for the tidy)."""
     identity = _identity(sources)
-    try:
-        if (dest / STAMP).read_text() == identity:
-            return
-    except OSError:
-        pass
-    if dest.exists() or dest.is_symlink():
-        aside = Path(tempfile.mkdtemp(prefix=dest.name + ".stale.", dir=dest.parent))
-        os.rename(dest, aside / "tree")
-        shutil.rmtree(aside, ignore_errors=True)
+    with _cache_lock(dest.parent, dest.name, keep):
+        stamp = dest / STAMP
+        try:
+            if stamp.read_text() == identity:
+                with suppress(OSError):  # a read-only cache: still usable, only its tidy order suffers
+                    os.utime(stamp)
+                return
+        except OSError:
+            pass
+        if dest.exists() or dest.is_symlink():
+            _discard(dest)
 
-    def build_and_stamp(tmp: Path) -> None:
-        build(tmp)
-        (tmp / STAMP).write_text(identity)
+        def build_and_stamp(tmp: Path) -> None:
+            build(tmp)
+            (tmp / STAMP).write_text(identity)
 
-    _build_atomically(dest, build_and_stamp)
+        _build_atomically(dest, build_and_stamp)
 
 
-def _merge_trees(sources: list[Path], dest: Path) -> None:
+def _merge_trees(sources: list[Path], dest: Path, keep: int = KEEP_TREES) -> None:
     """Build ``dest`` as a tree of symlinks to the files of ``sources`` (later ones win).
 
     The equivalent of ``cp -as a/. b/. dest`` done in-process, limited to include/ and arch/.
     """
-    _ensure_tree(dest, sources, lambda tmp: _link_all(sources, tmp))
+    _ensure_tree(dest, sources, lambda tmp: _link_all(sources, tmp), keep)
 
 
 def _link_all(sources: list[Path], tmp: Path) -> None:
@@ -167,7 +282,7 @@ def _link_all(sources: list[Path], tmp: Path) -> None:
                     link.symlink_to(Path(dirpath, name).resolve())
 
 
-def _extract_kheaders(archive: Path, dest: Path) -> None:
+def _extract_kheaders(archive: Path, dest: Path, keep: int = KEEP_TREES) -> None:
     def extract(tmp: Path) -> None:
         with tarfile.open(archive, "r:xz") as tar:
             if hasattr(tarfile, "data_filter"):
@@ -179,7 +294,7 @@ def _extract_kheaders(archive: Path, dest: Path) -> None:
                         raise HeadersNotFound(f"{archive}: unsafe member {m.name!r}")
                 tar.extractall(tmp, members=members)
 
-    _ensure_tree(dest, [archive], extract)
+    _ensure_tree(dest, [archive], extract, keep)
 
 
 _VERSION_RE = re.compile(r"^linux-headers-(\d+)\.(\d+)\.(\d+)(?:-(\d+))?")
@@ -215,36 +330,53 @@ def _distribution_sets(src_dirs: list[Path]) -> list[tuple[str, list[Path]]]:
 
 def find_headers(
     release: str,
-    host_root: Path = Path("/"),
-    sys_root: Path = Path("/sys"),
+    host: HostPaths | None = None,
     cache_dir: Path = Path("/var/cache/nodetune"),
     src_dirs: list[Path] | None = None,
+    image_src: Path | None = IMAGE_SRC,
+    keep_trees: int = KEEP_TREES,
 ) -> KernelHeaders:
-    """Find (or build in ``cache_dir``) a header tree for ``release``; see the module docstring."""
-    host_root = Path(host_root)
+    """Find (or build in ``cache_dir``) a header tree for ``release``; see the module docstring.
+
+    ``host``: the host's files (default: this machine's ``/``). ``src_dirs``: where distribution
+    header sets are searched; by default the host's ``/usr/src`` and, when the host root is not
+    ``/``, ``image_src`` (None: not searched). ``keep_trees``: finished trees the cache keeps (at
+    least 1)."""
+    if keep_trees < 1:
+        raise ValueError(f"keep_trees must be at least 1, got {keep_trees}")
+    host = host or HostPaths()
+    host_root = host.root
+    headers = Path(cache_dir) / "headers"
     modules = f"/lib/modules/{release}"
     build = resolve_in_root(host_root, modules + "/build")
     source = resolve_in_root(host_root, modules + "/source")
+    in_place = None
     if build.is_dir():
         if source.is_dir() and source.resolve() != build.resolve():
             if host_root.resolve() == Path("/") and (build / "include").is_dir():
-                return KernelHeaders("", "host", release, exact=True)  # BCC's own search handles the split
-            merged = Path(cache_dir) / "headers" / f"host-{release}"
-            _merge_trees([source, build], merged)
-            return KernelHeaders(str(merged), "host", release, exact=True)
-        if _is_tree(build):
-            return KernelHeaders(str(build), "host", release, exact=True)
+                in_place = KernelHeaders("", "host", release, exact=True)  # BCC's own search handles the split
+            else:
+                merged = headers / f"host-{release}"
+                _merge_trees([source, build], merged, keep_trees)
+                return KernelHeaders(str(merged), "host", release, exact=True)
+        elif _is_tree(build):
+            in_place = KernelHeaders(str(build), "host", release, exact=True)
+    if in_place is not None:
+        if headers.is_dir():  # trees built before these headers were installed: tidied all the same
+            with _cache_lock(headers, None, keep_trees):
+                pass
+        return in_place
 
-    archive = Path(sys_root) / "kernel" / "kheaders.tar.xz"
+    archive = host.sys / "kernel" / "kheaders.tar.xz"
     if archive.is_file():
-        dest = Path(cache_dir) / "headers" / f"kheaders-{release}"
-        _extract_kheaders(archive, dest)
+        dest = headers / f"kheaders-{release}"
+        _extract_kheaders(archive, dest, keep_trees)
         return KernelHeaders(str(dest), "kheaders", release, exact=True)
 
     if src_dirs is None:
         src_dirs = [host_root / "usr/src"]
-        if host_root.resolve() != Path("/"):
-            src_dirs.append(Path("/usr/src"))  # headers baked into the agent's image
+        if image_src is not None and host_root.resolve() != Path("/"):
+            src_dirs.append(Path(image_src))  # headers baked into the agent's image
     sets = _distribution_sets(src_dirs)
     if not sets:
         raise HeadersNotFound(
@@ -253,6 +385,6 @@ def find_headers(
         )
     exact_sets = [s for s in sets if s[0] == release]
     set_release, trees = (exact_sets or sets)[0]
-    dest = Path(cache_dir) / "headers" / f"distribution-{set_release}"
-    _merge_trees(trees, dest)
+    dest = headers / f"distribution-{set_release}"
+    _merge_trees(trees, dest, keep_trees)
     return KernelHeaders(str(dest), "distribution", set_release, exact=set_release == release)

@@ -147,11 +147,17 @@ BPF_PERCPU_ARRAY(lockstat_frames, struct frames, 1);
  * The probe's two expensive steps are budgeted per CPU and per 10 ms window.
  *
  * Stack walks (bpf_get_stack ~2.5 us here: the unwinder walks the BPF and tracing frames too):
- * at most WALKS_PER_WINDOW. A contention beyond that is still counted exactly by type and
+ * about WALKS_PER_WINDOW. Each contention is walked with the same probability, 2^-wshift, drawn
+ * at random: wshift is the smallest that would have kept the previous window's contentions to
+ * WALKS_PER_WINDOW walks, and stays so through the window (raising it mid-window, as the timing
+ * shift below does, made the callers early in a busier window count more; so did a cap reached
+ * after a quiet window, hence the average), and a window walks 8 x WALKS_PER_WINDOW at most
+ * whatever happens (a burst after quiet windows: only then are its first ones favoured). (Walking the first WALKS_PER_WINDOW of each window instead gave the
+ * callers that run just after a window starts far more than their share.) A contention not walked is still counted exactly by type and
  * workload; for callers its count and wait wait in this CPU's pool of its lock type until the
- * next sampled contention of that type ends on this CPU, which takes them to its caller. Totals
- * per type are conserved, the split between callers follows the samples, and below the budget
- * every caller count is exact.
+ * next contention of that type is walked on this CPU, which takes them to its caller. Totals
+ * per type are conserved, the split between callers follows random samples, and below the
+ * budget (wshift 0) every caller count is exact.
  *
  * Clock reads (bpf_ktime_get_ns ~48 ns inside a BPF program here: a retpolined clocksource call
  * and an ordered rdtsc), two per timed wait, the second with the lock held, so that every other
@@ -191,6 +197,9 @@ struct budget {
     u64 tick;   /* jiffies when the window was last checked */
     u64 window; /* ns / WINDOW_NS of the current window */
     u64 walks;  /* stacks walked in it */
+    u64 wseen;  /* contentions in it that could be walked */
+    u64 wshift; /* it walks 1 in 2^wshift of them */
+    u64 wavg;   /* 8 x the average of wseen over the last windows (see next_window) */
     u64 seen;   /* contentions begun in it */
     u64 shift;  /* it times 1 in 2^shift contentions */
     u64 rng;    /* xorshift64 state (next_random) */
@@ -318,21 +327,53 @@ static __always_inline u32 caller_row(void *ctx, u32 type)
     return NO_ROW;
 }
 
-/* A new window: its shift from the last one's contentions (rises only by doubling: no division). */
-static __always_inline void next_window(struct budget *b, u64 window)
+/* The smallest shift that keeps n >> shift within per_window (rises only by doubling: no division). */
+static __always_inline u32 shift_for(u64 n, u64 per_window)
 {
     u32 shift = 0;
-#if TIMED_PER_WINDOW
     for (int i = 0; i < MAX_SHIFT; i++) {
-        if ((b->seen >> shift) <= TIMED_PER_WINDOW)
+        if ((n >> shift) <= per_window)
             break;
         shift++;
     }
+    return shift;
+}
+
+/* Add n contentions and their wait to a caller row, or to the type's no-caller pair. The caller
+ * passes its unchecked type, not its bounds-checked copy: the lookup takes the key's address,
+ * which would send that copy to the stack and lose its bound for the verifier. */
+static __always_inline void credit_caller(u32 crow, u32 type, u64 n, u64 ns)
+{
+    u64 *c = crow != NO_ROW ? lock_callers_at(crow) : 0;
+    if (c) {
+        c[0] += n;
+        c[1] += ns;
+    } else {
+        struct pair *u = lock_caller_unknown.lookup(&type);
+        if (u) {
+            u->count += n;
+            u->ns += ns;
+        }
+    }
+}
+
+/* A new window: its shifts from the last one's contentions. */
+static __always_inline void next_window(struct budget *b, u64 window)
+{
+#if TIMED_PER_WINDOW
+    b->shift = shift_for(b->seen, TIMED_PER_WINDOW);
+#else
+    b->shift = 0;
 #endif
+    /* The walk shift follows the larger of the last window and the recent average (wavg: 8 x an
+     * exponential average over about 8 windows), so one quiet window does not make the next walk
+     * everything up to its cap. */
+    b->wavg = b->wavg - (b->wavg >> 3) + b->wseen;
+    b->wshift = shift_for(b->wseen > (b->wavg >> 3) ? b->wseen : (b->wavg >> 3), WALKS_PER_WINDOW);
     b->window = window;
     b->walks = 0;
+    b->wseen = 0;
     b->seen = 0;
-    b->shift = shift;
 }
 
 /* A uniform 64-bit draw from this CPU's xorshift64 state (Marsaglia 2003), seeded once from the
@@ -360,6 +401,7 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
     u32 weight = 1;
     u64 ts = 0;
     u32 zero = 0;
+    int walk = 0;
     struct budget *b = lockstat_budget.lookup(&zero);
     if (!b)
         return; /* never: a one-entry array */
@@ -396,11 +438,30 @@ static __always_inline void start_wait(void *ctx, struct wait *w, u64 lock, u64 
         ts = read_clock(b);
     w->crow = NO_ROW;
     w->sampled = 0;
-    /* Stack walks (2.5 us) go to untimed waits while there are any, so as not to delay timed ones. */
-    if (b->walks < WALKS_PER_WINDOW && (!weight || !shift)) {
+    /* Stack walks (2.5 us) go to untimed waits while there are any, so as not to delay timed ones:
+     * over the timing budget the candidates are the untimed waits, themselves a random draw. */
+    if (!weight || !shift) {
+        b->wseen++;
+        u64 wshift = b->wshift; /* constant through the window: no rise (it favoured early callers) */
+        if (wshift > MAX_SHIFT)
+            wshift = MAX_SHIFT;
+        walk = b->walks < 8 * WALKS_PER_WINDOW &&
+               (!wshift || !((next_random(b) >> 32) & ((1U << wshift) - 1)));
+    }
+    if (walk) {
         b->walks++;
         w->sampled = 1;
         w->crow = caller_row(ctx, type);
+        /* The pool goes to this caller now, at the walk: at the wait's end, a long (sleeping)
+         * wait took every contention that ended meanwhile, and callers that wait long got more
+         * than their share. */
+        u64 t = type;
+        asm volatile("" : "+r"(t)); /* keep the bound check next to the access (see hist_add) */
+        if (t < NTYPES && b->count[t]) {
+            credit_caller(w->crow, type, b->count[t], b->ns[t]);
+            b->count[t] = 0;
+            b->ns[t] = 0;
+        }
         if (weight)
             ts = read_clock(b); /* the wait is the lock's, not the walk's */
     }
@@ -477,26 +538,22 @@ static __always_inline void finish_wait(struct wait *w)
     }
     if (b && !weight)
         b->untimed++;
-    u32 t = type;
+    u64 t = type; /* 64-bit: no zero-extension that would check one register and index with another */
     asm volatile("" : "+r"(t)); /* keep the bound check next to the access (see hist_add) */
     if (b && t < NTYPES) {
         if (!w->sampled) {
             b->count[t]++;
             b->ns[t] += ns;
-        } else {
-            u64 n = 1 + b->count[t];
-            u64 total = ns + b->ns[t];
-            b->count[t] = 0;
-            b->ns[t] = 0;
+        } else { /* its pool went to its caller at the walk (start_wait) */
             u64 *c = w->crow != NO_ROW ? lock_callers_at(w->crow) : 0;
             if (c) {
-                c[0] += n;
-                c[1] += total;
+                c[0] += 1;
+                c[1] += ns;
             } else {
                 struct pair *u = lock_caller_unknown.lookup(&type);
                 if (u) {
-                    u->count += n;
-                    u->ns += total;
+                    u->count += 1;
+                    u->ns += ns;
                 }
             }
         }

@@ -10,7 +10,7 @@ Exported:
 * ``nodetune_lock_contention_wait_seconds{lock_type}``: histogram of single waits;
 * ``nodetune_lock_contentions_total{lock_type,caller}`` and
   ``nodetune_lock_contention_wait_seconds_total{lock_type,caller}``: the top N (type, caller) pairs
-  by wait over the agent's lifetime, the rest in ``caller="other"`` (``probes/topn.py``);
+  by wait over the agent's lifetime, the rest in ``caller="other"`` (``metrics/topn.py``);
 * ``nodetune_workload_lock_wait_seconds_total{<workload labels>,lock_type}``;
 * ``nodetune_lock_contentions_untimed_total``: contentions over the timing budget
   (``--lockstat-timed-waits`` per second per CPU), counted exactly but not timed; the timed
@@ -37,16 +37,16 @@ from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
+from metrics.exposition import CompactHistogram, CompactScalar
+from metrics.histogram import NSLOTS, ROW_WORDS
+from metrics.topn import TopN
 from probes import bpfsys
 from probes.base import Probe
 from probes.btf import BTFError
-from probes.families import CompactHistogram, CompactScalar
-from probes.histogram import NSLOTS, ROW_WORDS
 from probes.kallsyms import KernelSymbols
-from probes.rows import RowSet, sum_over_cpus
+from probes.row_table import RowTableSpec, sum_over_cpus
 from probes.settings import Setting
-from probes.spinlock_path import ALL, SEEN, this_node
-from probes.topn import TopN
+from probes.spinlock_visibility import ALL, SEEN, this_node
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ class LockstatProbe(Probe):
     source_file = "lockstat.bpf.c"
     settings = (
         Setting("top_callers", 20, 'callers exported by name (the rest: caller="other")', maximum=1000),
+        Setting(
+            "caller_half_life",
+            60,
+            "seconds: callers are ranked by their wait over about this long (decayed), not their lifetime",
+            maximum=86_400,
+        ),
         Setting(
             "max_callers",
             4096,
@@ -125,12 +131,12 @@ class LockstatProbe(Probe):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._symbols = symbols
         self._kmsg = kmsg
-        self.top = TopN(self.config["top_callers"], 2, rank=lambda v: v[1])
+        self.top = TopN(self.config["top_callers"], 2, rank=lambda v: v[1], half_life_s=self.config["caller_half_life"])
         self.spinlock_waits: tuple[str, str] | None = None  # (one of SEEN, why), found at load
 
     def _after_load(self, strategy: str) -> None:
-        # Which spinlock waits the tracepoint can show here (probes/spinlock_path.py): read once.
-        self.spinlock_waits = seen, why = this_node(self.kernel.proc_root, self._kmsg)
+        # Which spinlock waits the tracepoint can show here (probes/spinlock_visibility.py): read once.
+        self.spinlock_waits = seen, why = this_node(self.kernel.host.proc, self._kmsg)
         if seen == ALL:
             log.info("lockstat: every spinlock waiter is seen (%s)", why)
         else:
@@ -138,12 +144,14 @@ class LockstatProbe(Probe):
 
     @cached_property
     def symbols(self) -> KernelSymbols:
-        return self._symbols or KernelSymbols(self.kernel.proc_root / "kallsyms")
+        return self._symbols or KernelSymbols(self.kernel.host.proc / "kallsyms")
 
-    def row_sets(self) -> tuple[RowSet, ...]:
+    def row_tables(self) -> tuple[RowTableSpec, ...]:
         return (
-            RowSet(CALLERS, 2, self.config["max_callers"], full_reason="caller_map_full", per_workload=False, cache=0),
-            RowSet(WORKLOAD, len(LOCK_TYPES), self.config["max_cgroups"]),
+            RowTableSpec(
+                CALLERS, 2, self.config["max_callers"], full_reason="caller_map_full", per_workload=False, cache=0
+            ),
+            RowTableSpec(WORKLOAD, len(LOCK_TYPES), self.config["max_cgroups"]),
         )
 
     def _lock_text(self) -> tuple[int, int] | str:
@@ -199,7 +207,7 @@ class LockstatProbe(Probe):
     def caller_totals(self) -> tuple[dict[tuple[str, str], list[int]], dict[str, list[int]]]:
         """((lock type, caller function) -> [contentions, wait ns], lock type -> the same for waits
         with no caller row: none found in the stack, or the rows full). Lifetime totals."""
-        rows = self.keyed_rows[CALLERS]
+        rows = self.keyed_tables[CALLERS]
         keys = {row: key for row, key in enumerate(rows.owners()) if key}
         values = rows.read(list(keys))
         callers: dict[tuple[str, str], list[int]] = {}
@@ -226,8 +234,8 @@ class LockstatProbe(Probe):
 
     def pending(self) -> dict[str, int]:
         """Lock type -> contentions counted but not yet given to a caller, summed over CPUs: over
-        the stack-walk budget they wait in their CPU's pool until its next walked contention of
-        that type ends (lockstat.bpf.c, struct budget). The caller counts lag by this much."""
+        the stack-walk budget they wait in their CPU's pool until its next contention of that type
+        is walked (lockstat.bpf.c, struct budget). The caller counts lag by this much."""
         table = self.table("lockstat_budget")
         cpus = table[table.Key(0)]
         return {lock_type: sum(cpu.count[i] for cpu in cpus) for i, lock_type in enumerate(LOCK_TYPES)}
@@ -241,6 +249,8 @@ class LockstatProbe(Probe):
         super().maintain()
         with self._lock:
             if self._bpf is not None:
+                if "symbols" in self.__dict__ and self.symbols.refresh():  # a module came or went
+                    log.info("lockstat: kernel modules changed; symbol table read again")
                 self.top.reselect(self.caller_totals()[0])
 
     def collect_loaded(self) -> Iterable[Metric]:

@@ -2,7 +2,7 @@
 /*
  * Run-queue latency per workload: time from a task becoming runnable (wakeup, new task, or being
  * preempted) to it running, aggregated in the kernel into log2 histograms, one row per cgroup
- * (probes/rows.py: rows "runqueue_latency_seconds", NSLOTS counts + sum in ns). Exported as
+ * (probes/row_table.py: rows "runqueue_latency_seconds", NSLOTS counts + sum in ns). Exported as
  * nodetune_runqueue_latency_seconds. Shared prelude: common.bpf.h (slots, workload_id, stats).
  *
  * STRATEGY_SCHEDINFO (raw tracepoint sched_switch only): the kernel itself accounts every wait in
@@ -22,7 +22,7 @@
  * Nothing is sent to user space: user space reads the rows when Prometheus scrapes.
  */
 
-/* Per-CPU cached row lookup (probes/rows.py): the hash lookup once per cgroup per CPU. */
+/* Per-CPU cached row lookup (probes/row_table.py): the hash lookup once per cgroup per CPU. */
 static __always_inline void charge(u64 wid, u64 delta)
 {
     int row = runqueue_latency_seconds_row_cached(wid);

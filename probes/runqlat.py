@@ -11,8 +11,8 @@ Kernel interfaces, in order of preference (``runqlat.bpf.c`` has both):
   (no BTF needed): timestamp when runnable, delta at switch-in, charged to the workload the task had
   when it last ran (the waker is ``current`` at wakeup time, not the wakee).
 
-Histograms are per-workload rows (``probes/rows.py``), turned into monotonic label sets by
-``probes/series.py``.
+Histograms are per-workload rows (``probes/row_table.py``), turned into monotonic label sets by
+``metrics/workload_series.py``.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
 
+from metrics.exposition import CompactHistogram
+from metrics.histogram import NSLOTS, ROW_WORDS
 from probes import tracefs
 from probes.base import Probe
 from probes.btf import BTFError
-from probes.families import CompactHistogram
-from probes.histogram import NSLOTS, ROW_WORDS
-from probes.rows import RowSet
+from probes.row_table import RowTableSpec
 from probes.settings import Setting
 
 RAW_TRACEPOINT = "raw_tracepoint"
@@ -78,12 +78,12 @@ class RunqlatProbe(Probe):
     def uses_task_btf(self) -> bool:
         return self.kernel.task_btf if self.task_btf is None else self.task_btf
 
-    def row_sets(self) -> tuple[RowSet, ...]:
-        return (RowSet(HIST, ROW_WORDS, self.config["max_cgroups"]),)
+    def row_tables(self) -> tuple[RowTableSpec, ...]:
+        return (RowTableSpec(HIST, ROW_WORDS, self.config["max_cgroups"]),)
 
     def _pid_max(self) -> int:
         try:
-            return int((self.kernel.proc_root / "sys/kernel/pid_max").read_text())
+            return int((self.kernel.host.proc_sys / "kernel/pid_max").read_text())
         except (OSError, ValueError):
             return 1 << 22  # PID_MAX_LIMIT on 64-bit: the slot array is capped anyway
 

@@ -11,20 +11,19 @@ unmounts it on release, so a host is left as it was found; a busy mount is left 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import contextlib
 import errno
 import logging
-import os
 import threading
 from pathlib import Path
+
+from host import libc
 
 log = logging.getLogger(__name__)
 
 DEBUGFS = Path("/sys/kernel/debug")
 EVENTS = DEBUGFS / "tracing" / "events"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _lock = threading.Lock()
 _mounted_by_us = 0  # reference count of users while we own the mount
 
@@ -43,11 +42,15 @@ def acquire(debugfs: Path = DEBUGFS) -> None:
             return
         if events.is_dir():
             return
-        if _libc.mount(b"debugfs", str(debugfs).encode(), b"debugfs", 0, None) != 0:
-            err = ctypes.get_errno()
-            raise TracefsUnavailable(f"{events} absent and mounting debugfs at {debugfs} failed: {os.strerror(err)}")
+        try:
+            libc.mount("debugfs", str(debugfs), "debugfs")
+        except OSError as e:
+            raise TracefsUnavailable(
+                f"{events} absent and mounting debugfs at {debugfs} failed: {e.strerror}"
+            ) from None
         if not events.is_dir():
-            _libc.umount2(str(debugfs).encode(), 0)
+            with contextlib.suppress(OSError):
+                libc.umount2(str(debugfs))
             raise TracefsUnavailable(f"debugfs mounted at {debugfs} but {events} did not appear")
         log.info("mounted debugfs at %s for tracepoint formats", debugfs)
         _mounted_by_us = 1
@@ -63,9 +66,10 @@ def release(debugfs: Path = DEBUGFS) -> None:
         if _mounted_by_us:
             return
         for target in (debugfs / "tracing", debugfs):
-            if _libc.umount2(str(target).encode(), 0) != 0:
-                err = ctypes.get_errno()
-                if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point
-                    log.warning("leaving %s mounted: %s", target, os.strerror(err))
+            try:
+                libc.umount2(str(target))
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point
+                    log.warning("leaving %s mounted: %s", target, e.strerror)
                     return
         log.info("unmounted debugfs from %s", debugfs)

@@ -6,11 +6,13 @@ BPF tests are marked ``bpf``. They skip when not root or BCC is missing, except 
 Tests marked ``tracing`` need fentry/fexit or kprobes, which the development kernel refuses: they
 are deselected here and run inside a stock Debian kernel booted under qemu
 (``tests/test_kernel_vm.py``, which sets ``NODETUNE_IN_TEST_VM=1`` there and checks that every
-one of them passed).
+one of them passed). So do tests marked ``modules``, which need loadable kernel modules (the
+development kernel has none).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -19,17 +21,22 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.paths import HostPaths
+from host.paths import HostPaths
 
+T = TypeVar("T")
 REQUIRE_BPF = os.environ.get("NODETUNE_REQUIRE_BPF") == "1"
 IN_TEST_VM = os.environ.get("NODETUNE_IN_TEST_VM") == "1"
 REPO = Path(__file__).resolve().parent.parent
+# Tests that run only inside the stock-kernel guest (tests/test_kernel_vm.py): fentry/fexit and
+# kprobes (``tracing``), loadable modules (``modules``).
+GUEST_MARKERS = ("tracing", "modules")
 
 
 def bpf_unavailable_reason() -> str | None:
@@ -57,10 +64,22 @@ def _bpf_gate(request: pytest.FixtureRequest) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IN_TEST_VM:
         return
-    tracing = [item for item in items if item.get_closest_marker("tracing")]
+    tracing = [item for item in items if any(item.get_closest_marker(m) for m in GUEST_MARKERS)]
     if tracing:
         config.hook.pytest_deselected(items=tracing)
         items[:] = [item for item in items if item not in tracing]
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """In-process CLI tests call ``agent.logs.setup()``, which points the root logger at the
+    stderr of that moment: pytest's capture for that test, closed once it ends. A later test's
+    log line then fails with "--- Logging error ---" and a traceback on stderr. Restored here."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -221,6 +240,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listens(pid: int, port: int) -> bool:
+    """Process ``pid`` has a TCP socket listening on ``port`` (IPv4, /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+            return True
+    return False
+
+
 def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -253,6 +289,15 @@ def agent_process(tmp_path: Path, header_cache: Path) -> Iterator[callable]:
     started: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> AgentProcess:
+        # free_port() only says the port was free a moment ago: another process (a parallel test
+        # run, another agent) may bind it first. Such a start is retried on another port.
+        for _attempt in range(3):
+            agent = attempt(args)
+            if agent is not None:
+                return agent
+        raise AssertionError("agent: every port tried was taken: " + (tmp_path / "agent.log").read_text())
+
+    def attempt(args: tuple[str, ...]) -> AgentProcess | None:
         port = free_port()
         cache = ["--cache-dir", str(header_cache)] if "--cache-dir" not in args else []
         cmd = [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{port}", *cache, *args]
@@ -260,16 +305,22 @@ def agent_process(tmp_path: Path, header_cache: Path) -> Iterator[callable]:
             proc = subprocess.Popen(cmd, cwd=REPO, stderr=log_file, text=True)
         started.append(proc)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
+        # a deadline, not a wait: three BCC compiles take 3-5 s here, and over 30 s on a machine with
+        # a load average of 10
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+            if proc.poll() is not None:
+                log = (tmp_path / "agent.log").read_text()
+                assert "Address already in use" in log, log
+                return None
             try:
-                if http_get(url + "/readyz", timeout=1)[0] == 200:
+                # ready, and the listener is ours (not whoever took the port meanwhile)
+                if http_get(url + "/readyz", timeout=1)[0] == 200 and listens(proc.pid, port):
                     return AgentProcess(proc, url)
             except OSError:
                 pass
             time.sleep(0.1)
-        raise AssertionError("agent not ready in 30 s: " + (tmp_path / "agent.log").read_text())
+        raise AssertionError("agent not ready in 120 s: " + (tmp_path / "agent.log").read_text())
 
     yield start
     for proc in started:
@@ -297,3 +348,15 @@ def netns() -> Iterator[callable]:
     yield make
     for ns in made:
         ns.remove()
+
+
+def wait_until(check: Callable[[], T], timeout: float = 30, what: str = "the condition", every: float = 0.05) -> T:
+    """Poll ``check`` until it returns something true (returned), failing after ``timeout`` s with
+    ``what``. Tests wait for conditions, never for a fixed time: a loaded machine is slow, not wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)

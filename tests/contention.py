@@ -12,9 +12,10 @@ writer takes ``pipe->mutex`` in pipe_write() and then faults on its source buffe
 registered with userfaultfd (``UFFDIO_REGISTER_MODE_MISSING``): the fault waits for us, the
 mutex held (copy_page_from_iter() runs under it). N threads then write to the same pipe and
 sleep in mutex_lock(), in state D. ``UFFDIO_ZEROPAGE`` resolves the fault and everything drains;
-a SIGKILL does too (the fault from kernel mode waits killable, mm/userfaultfd.c). Run as
-``python -m tests.contention stall N``: prints "stalled N" once N threads sleep, releases on a
-line from stdin, prints "released BYTES".
+a SIGKILL does too (the fault waits interruptibly, state S: FAULT_FLAG_INTERRUPTIBLE is in every
+fault's flags, mm/userfaultfd.c). Run as ``python -m tests.contention stall N``: prints
+"stalled N" once N threads sleep in state D (a smaller number after 30 s), releases on a line from
+stdin, prints "released BYTES".
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def pipe_writers(seconds: float, writers: int) -> int:
 
 
 SYS_USERFAULTFD = 323  # x86_64
+SYS_WRITE = 1  # x86_64
 UFFD_API = 0xAA
 UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api): api, features, ioctls
 UFFDIO_REGISTER = 0xC020AA00  # _IOWR(0xAA, 0x00, struct uffdio_register): start, len, mode, ioctls
@@ -68,10 +70,13 @@ UFFDIO_ZEROPAGE = 0xC020AA04  # _IOWR(0xAA, 0x04, struct uffdio_zeropage): start
 PAGE = 4096
 
 
-def sleeping_threads() -> int:
-    """Threads of this process in uninterruptible sleep (D): mutex_lock() sleeps so."""
+def sleeping_threads(holder: int | None = None) -> int:
+    """Threads of this process in uninterruptible sleep (D), but ``holder``: mutex_lock() sleeps so
+    (and so does a fault that waits uninterruptibly, on kernels without FAULT_FLAG_INTERRUPTIBLE)."""
     n = 0
     for tid in os.listdir("/proc/self/task"):
+        if tid == str(holder):
+            continue
         try:
             state = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
@@ -80,9 +85,24 @@ def sleeping_threads() -> int:
     return n
 
 
-def stalled_pipe(waiters: int, release: threading.Event, stalled: threading.Event) -> int:
+def asleep_in_write(tid: int | None) -> bool:
+    """Thread ``tid`` of this process sleeps (state S) in write(2): ``/proc/<tid>/syscall`` gives
+    the number of the call a blocked task is in (a thread waiting for the GIL is in futex(2)). The
+    only write that sleeps here is the holder's, in its fault."""
+    task = Path(f"/proc/self/task/{tid}")
+    try:
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state == "S" and (task / "syscall").read_text().split()[0] == str(SYS_WRITE)
+    except (OSError, IndexError):
+        return False
+
+
+def stalled_pipe(
+    waiters: int, release: threading.Event, stalled: threading.Event, holder_tid: list[int] | None = None
+) -> int:
     """Hold ``waiters`` threads asleep on one pipe's mutex until ``release`` is set (``stalled``
-    is set once they all sleep); returns the bytes that went through the pipe."""
+    is set once they all sleep; the holder's thread id is appended to ``holder_tid``); returns the
+    bytes that went through the pipe."""
     libc = ctypes.CDLL(None, use_errno=True)
     uffd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC)
     if uffd < 0:
@@ -97,13 +117,16 @@ def stalled_pipe(waiters: int, release: threading.Event, stalled: threading.Even
         holder = threading.Thread(target=os.write, args=(w, memoryview(buf)), daemon=True)
         holder.start()
         threads.append(holder)
-        time.sleep(0.2)  # the holder is in its fault, the mutex held
+        if holder_tid is not None:
+            holder_tid.append(holder.native_id)
+        deadline = time.monotonic() + 30
+        while not asleep_in_write(holder.native_id) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the holder sleeps in its fault, the mutex held
         for _ in range(waiters):
             t = threading.Thread(target=os.write, args=(w, b"x"), daemon=True)
             t.start()
             threads.append(t)
-        deadline = time.monotonic() + 30
-        while sleeping_threads() < waiters and time.monotonic() < deadline:
+        while sleeping_threads(holder.native_id) < waiters and time.monotonic() < deadline:
             time.sleep(0.05)
         stalled.set()
         release.wait()
@@ -122,10 +145,11 @@ def stalled_pipe(waiters: int, release: threading.Event, stalled: threading.Even
 def stall_main(waiters: int) -> None:
     release, stalled = threading.Event(), threading.Event()
     result: list[int] = []
-    runner = threading.Thread(target=lambda: result.append(stalled_pipe(waiters, release, stalled)))
+    holder: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(stalled_pipe(waiters, release, stalled, holder)))
     runner.start()
     stalled.wait()
-    print(f"stalled {sleeping_threads()}", flush=True)
+    print(f"stalled {sleeping_threads(holder[0] if holder else None)}", flush=True)
     sys.stdin.readline()
     release.set()
     runner.join()

@@ -3,10 +3,25 @@
 What the real API server does that the agent depends on: lists with a ``resourceVersion``,
 watches streamed as chunked JSON lines from a version (history replayed, then live events),
 ``BOOKMARK`` events, ``ERROR`` 410 for a version older than the compacted history, the server-side
-``timeoutSeconds``, and field selectors. Faults are scripted per request: a status code with
-headers (429 + Retry-After, 500), a dropped connection, a stalled stream, a malformed line, a
-watch that closes at once, a server that ignores the field selector. Every request is recorded
-with its time, so tests can check what the client did and when.
+``timeoutSeconds``, and field selectors.
+
+Faults, each an action tuple (see ``Handler.do_GET``):
+
+* ``("status", code[, headers])``: that status (429 + ``Retry-After``, 500, 410 ...);
+* ``("close",)``: the connection dropped before any answer (a reset);
+* ``("stall", seconds)``: a watch's headers, then nothing for that long (a stalled stream);
+* ``("garbage",)``: a line that is not JSON first; ``("garbage_close",)``: that line, then the end;
+* ``("gone",)``: a watch answered by an ``ERROR`` event with code 410 (history compacted);
+* ``("empty",)``: a watch that ends at once;
+* ``("blank",)``: blank lines first (a keep-alive), then the normal stream;
+* ``("bookmark_close",)``: a watch that sends one ``BOOKMARK`` and ends (a very short watch).
+
+They are played either per request, in order (``plan[kind]``: one action per request, ``None`` for
+a normal answer), or on every request until cleared (``set_fault``; ``watch_only`` spares lists).
+``limit_rate`` sheds load like the API server's Priority and Fairness: a token bucket admits so many
+requests per second, the others get 429 with ``Retry-After``. Every request is recorded with its
+time, its node (from the field selector) and the fault it got, so tests can check what each client
+did and when. Used by the tests and by ``bench/api_storm.py``.
 """
 
 from __future__ import annotations
@@ -52,12 +67,35 @@ def node(name: str, labels: dict[str, str]) -> dict:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
 
 
+class TokenBucket:
+    """Admits ``rate`` requests per second, with a burst of one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            return False
+
+
 class FakeAPIServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # listen() backlog, read by the constructor: with the default 5, a burst of connects loses SYNs
+    # and the clients retry them a second later (the bench set it after listen(), to no effect)
+    request_queue_size = 1024
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", 0), Handler)
         self.rv = 100
         self.objects: dict[str, dict[str, dict]] = {"pods": {}, "nodes": {}}
         self.history: list[tuple[int, str, str, dict]] = []  # (rv, kind, type, object)
@@ -65,7 +103,12 @@ class FakeAPIServer(ThreadingHTTPServer):
         self.requests: list[dict[str, Any]] = []
         self.plan: dict[str, list[tuple]] = {"pods": [], "nodes": []}
         self.honour_field_selector = True
+        self.fault: tuple | None = None  # played on every request (set_fault)
+        self.fault_watch_only = False
+        self.bucket: TokenBucket | None = None  # limit_rate
+        self.rejected = 0  # requests the bucket refused
         self.cond = threading.Condition()
+        self.generation = 0  # drop_watches() ends the streams of earlier generations
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
         self._closing = False
 
@@ -91,6 +134,20 @@ class FakeAPIServer(ThreadingHTTPServer):
         key = obj["metadata"].get("uid") or obj["metadata"]["name"]
         self._event(kind, "MODIFIED" if key in self.objects[kind] else "ADDED", obj)
 
+    def put_raw(self, kind: str, obj: Any, event_type: str = "ADDED") -> None:
+        """An object as is, in the next lists and as a watch event: one the client's models reject
+        (a field they require missing), or one that is no object at all. A dict ``metadata`` gets
+        the event's ``resourceVersion``; the object is listed under a key of its own."""
+        with self.cond:
+            self.rv += 1
+            obj = json.loads(json.dumps(obj))
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            if isinstance(meta, dict):
+                meta["resourceVersion"] = str(self.rv)
+            self.objects[kind][f"raw-{self.rv}"] = obj
+            self.history.append((self.rv, kind, event_type, obj))
+            self.cond.notify_all()
+
     def delete(self, kind: str, key: str) -> None:
         self._event(kind, "DELETED", self.objects[kind][key])
 
@@ -103,11 +160,40 @@ class FakeAPIServer(ThreadingHTTPServer):
     def compact(self) -> None:
         """Forget the history: a watch from any version seen so far gets 410 Gone."""
         with self.cond:
-            self.compacted = self.rv + 1
+            self.rv += 1  # a version of its own: a list made after this can be watched
+            self.compacted = self.rv
             self.cond.notify_all()
+
+    def set_fault(self, action: tuple, watch_only: bool = False) -> None:
+        """Answer every request (every watch, with ``watch_only``) with ``action`` until cleared."""
+        with self.cond:
+            self.fault, self.fault_watch_only = action, watch_only
+            self.cond.notify_all()
+
+    def clear_fault(self) -> None:
+        with self.cond:
+            self.fault = None
+            self.cond.notify_all()
+
+    def drop_watches(self) -> None:
+        """Reset every open watch connection at once, as an API server that restarts does."""
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+    def limit_rate(self, rate: float | None) -> None:
+        """Admit ``rate`` requests per second; answer the others 429 ``Retry-After: 1``. None: no limit."""
+        self.bucket = TokenBucket(rate) if rate else None
 
     def requests_of(self, kind: str, watch: bool | None = None) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["kind"] == kind and (watch is None or r["watch"] == watch)]
+
+    def requests_by_node(self, kind: str = "pods") -> dict[str, list[dict[str, Any]]]:
+        """Requests of each client, told apart by the node of their field selector."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.requests_of(kind):
+            out.setdefault(r["node"], []).append(r)
+        return out
 
     def start(self) -> FakeAPIServer:
         self._thread.start()
@@ -137,7 +223,7 @@ class FakeAPIServer(ThreadingHTTPServer):
         return path
 
 
-class _Handler(BaseHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     server: FakeAPIServer
     protocol_version = "HTTP/1.1"
 
@@ -164,11 +250,21 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         kind = "pods" if url.path.endswith("/pods") else "nodes" if url.path.endswith("/nodes") else ""
         watch = query.get("watch") in ("true", "1", "True")
-        srv.requests.append({**query, "t": time.monotonic(), "kind": kind, "watch": watch})
+        selector = query.get("fieldSelector", "")
+        want = selector.split("=", 1)[1] if "=" in selector else None
+        record = {**query, "t": time.monotonic(), "kind": kind, "watch": watch, "node": want or "", "fault": None}
+        generation = srv.generation  # a watch recorded before drop_watches() is dropped
+        srv.requests.append(record)
         if not kind:
             self._json(404, {"kind": "Status", "code": 404})
             return
-        action = srv.plan[kind].pop(0) if srv.plan[kind] else None
+        with srv.cond:
+            fault = srv.fault if srv.fault and (watch or not srv.fault_watch_only) else None
+            action = srv.plan[kind].pop(0) if srv.plan[kind] else fault
+        if srv.bucket is not None and not srv.bucket.take():
+            srv.rejected += 1
+            action = ("status", 429, {"Retry-After": "1"})
+        record["fault"] = action[0] if action else None
         if action and action[0] == "status":
             code, headers = action[1], (action[2] if len(action) > 2 else {})
             self._json(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code}, headers)
@@ -177,15 +273,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)  # dropped before any answer
             self.close_connection = True
             return
-        selector = query.get("fieldSelector", "")
-        want = selector.split("=", 1)[1] if "=" in selector else None
 
         def visible(obj: dict) -> bool:
             if not srv.honour_field_selector or want is None:
                 return True
+            if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+                return True  # a raw object (put_raw): shown to every client
             if kind == "pods":
-                return obj.get("spec", {}).get("nodeName") == want
-            return obj["metadata"]["name"] == want
+                return (obj.get("spec") or {}).get("nodeName") == want
+            return obj["metadata"].get("name") == want
 
         if not watch:
             with srv.cond:
@@ -209,14 +305,27 @@ class _Handler(BaseHTTPRequestHandler):
             if action and action[0] == "empty":
                 return
             if action and action[0] == "stall":
-                time.sleep(action[1])
+                until = time.monotonic() + action[1]
+                with srv.cond:  # ends early when the server stops
+                    while not srv._closing and time.monotonic() < until:
+                        srv.cond.wait(until - time.monotonic())
                 return
-            if action and action[0] == "garbage":
+            if action and action[0] == "blank":
+                self._chunk(b"\n\n")
+            if action and action[0] == "bookmark_close":
+                with srv.cond:
+                    rv = srv.rv
+                event = {"type": "BOOKMARK", "object": {"kind": "Pod", "metadata": {"resourceVersion": str(rv)}}}
+                self._chunk(json.dumps(event).encode() + b"\n")
+                return
+            if action and action[0] in ("garbage", "garbage_close"):
                 self._chunk(b"{this is not json\n")
+                if action[0] == "garbage_close":
+                    return
             since = int(query.get("resourceVersion") or 0)
             deadline = time.monotonic() + float(query.get("timeoutSeconds") or 600)
             with srv.cond:
-                if since < srv.compacted:
+                if since < srv.compacted or (action and action[0] == "gone"):
                     error = {
                         "type": "ERROR",
                         "object": {
@@ -232,6 +341,10 @@ class _Handler(BaseHTTPRequestHandler):
                     return
             sent = since
             while not srv._closing and time.monotonic() < deadline:
+                if srv.generation != generation:
+                    self.connection.shutdown(socket.SHUT_RDWR)  # reset: no end-of-stream chunk
+                    self.close_connection = True
+                    return
                 with srv.cond:
                     pending = [h for h in srv.history if h[0] > sent and h[1] == kind]
                     if not pending:

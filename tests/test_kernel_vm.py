@@ -1,5 +1,6 @@
 """The stock-kernel guest (tests/kernel_vm.py): its pure parts, and the run of every test marked
-``tracing`` inside it (fentry/fexit and kprobe strategies, which the development kernel refuses)."""
+``tracing`` (fentry/fexit and kprobe strategies, which the development kernel refuses) or
+``modules`` (loadable kernel modules, which it has none of) inside it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import GUEST_MARKERS, REPO
 from tests.kernel_vm import (
     GuestResult,
     VMUnavailable,
@@ -54,11 +55,15 @@ def test_guest_release_is_the_newest_generic_header_set(tmp_path: Path) -> None:
         generic_headers_release(tmp_path / "linux-headers-6.1.0-56-common")
 
 
+GUEST_SELECTION = " or ".join(GUEST_MARKERS)  # one boot runs them all (a boot costs about a minute)
+
+
 def tracing_tests() -> set[str]:
-    """Node ids of the tests marked ``tracing``, as the guest will collect them."""
+    """Node ids of the tests that run in the guest (marked ``tracing`` or ``modules``), as the
+    guest will collect them."""
     env = {**os.environ, "NODETUNE_IN_TEST_VM": "1"}
     listing = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "tracing"],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", GUEST_SELECTION],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -95,13 +100,14 @@ def test_options_reach_the_guest(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.bpf
 def test_tracing_strategies_pass_on_a_stock_debian_kernel() -> None:
     """Boots Debian's generic kernel (kprobes, BTF, fentry/fexit) under qemu on this machine's own
-    file system and runs every ``tracing`` test there with NODETUNE_REQUIRE_BPF=1: each must pass
-    (none skipped, none missing)."""
+    file system and runs every ``tracing`` test there with NODETUNE_REQUIRE_BPF=1, and every
+    ``modules`` test (the ipvs modules, loaded and unloaded for real): each must pass (none
+    skipped, none missing)."""
     expected = tracing_tests()
-    assert expected, "no test is marked tracing"
+    assert expected, "no test is marked tracing or modules"
     try:
         result = run_in_guest(
-            f"{sys.executable} -m pytest -p no:cacheprovider -m tracing -rA -q",
+            f"{sys.executable} -m pytest -p no:cacheprovider -m '{GUEST_SELECTION}' -rA -q",
             env={"NODETUNE_IN_TEST_VM": "1", "NODETUNE_REQUIRE_BPF": "1"},
             timeout=1800,
         )

@@ -1,11 +1,11 @@
 """TCP listen-queue overflows and saturation per network namespace (pod, host, named, other).
 
-Kernel interfaces, per namespace, through handles opened once inside it (``agent/netns.py``):
+Kernel interfaces, per namespace, through handles opened once inside it (``agent/identity/netns.py``):
 
 * ``/proc/net/netstat`` ``TcpExt: ListenOverflows ListenDrops``: connections dropped because an
   accept queue was full (and all listen drops): ``netstat -s``'s "times the listen queue of a
   socket overflowed" (seed 003), per namespace.
-* sock_diag LISTEN sockets (``agent/sockdiag.py``): for a listener, ``idiag_rqueue`` is the accept
+* sock_diag LISTEN sockets (``host/sockdiag.py``): for a listener, ``idiag_rqueue`` is the accept
   queue's length and ``idiag_wqueue`` its backlog (``min(listen() backlog, somaxconn)``). The queue
   is full when it holds backlog + 1 (include/net/sock.h ``sk_acceptq_is_full``: ack_backlog >
   max_ack_backlog), so saturation = queue / (backlog + 1) reaches 1.0 exactly when full.
@@ -13,22 +13,22 @@ Kernel interfaces, per namespace, through handles opened once inside it (``agent
   its own ``listen()`` call, which is what seed 001's fix raised (and a pod's namespace does not
   inherit the host's value).
 
-Counters go through the label-set accounting (``probes/series.py``): a pod whose sandbox is
+Counters go through the label-set accounting (``metrics/workload_series.py``): a pod whose sandbox is
 recreated (a new namespace, same names) continues its counters. Labels: ``namespace, pod, netns``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client.metrics_core import Metric
 
-from agent.netns import NETNS_LABELS, NetnsHandles, NetnsIndex
-from agent.sockdiag import listeners
-from probes.families import CompactScalar
-from probes.series import Lookup, WorkloadSeries
+from agent.identity.netns import NETNS_LABELS, NetnsHandles, NetnsIndex, ReadErrors
+from metrics.exposition import CompactScalar
+from metrics.workload_series import Lookup, WorkloadSeries
 
 OVERFLOWS, DROPS = 0, 1
 
@@ -43,11 +43,9 @@ def tcpext(text: str) -> dict[str, int]:
 
 def read_namespace(h: NetnsHandles) -> tuple[list[int], int, list[tuple[int, int, int]]]:
     """(counters [overflows, drops], somaxconn, [(port, queue, backlog)] of its listeners)."""
-    import os
-
     ext = tcpext(os.pread(h.netstat_fd, 1 << 16, 0).decode())
     somaxconn = int(os.pread(h.somaxconn_fd, 64, 0))
-    socks = [(s.sport, s.rqueue, s.wqueue) for s in listeners(h.diag)]
+    socks = [(s.sport, s.rqueue, s.wqueue) for s in h.diag.listeners()]
     return [ext.get("ListenOverflows", 0), ext.get("ListenDrops", 0)], somaxconn, socks
 
 
@@ -59,17 +57,19 @@ class ListenCollector:
         self.series = WorkloadSeries(2, grace_s, clock)
         self._last: dict[int, list[int]] = {}
         self._lock = threading.Lock()
+        self.errors = ReadErrors("listen")
 
     def maintain(self) -> None:
         """Timer (after the namespace index's refresh): retire vanished namespaces, follow labels."""
-        with self._lock:
-            handles = self.netns.snapshot()
+        with self._lock, self.netns.borrow() as handles:
             for inode in set(self._last) - set(handles):
                 self.series.retire(inode, self._last.pop(inode))
+            self.errors.forget_except(set(handles))
             for inode, h in handles.items():
                 try:
                     counters, _s, _l = read_namespace(h)
-                except OSError:
+                except (OSError, ValueError) as e:
+                    self.errors.count(inode, e)
                     continue
                 self._last[inode] = counters
                 self.series.observe(inode, counters, Lookup(self.netns.labels(inode)))
@@ -79,14 +79,16 @@ class ListenCollector:
         with self._lock:
             values: dict[int, list[int]] = {}
             gauges: dict[tuple[str, ...], tuple[int, list[tuple[int, int, int]]]] = {}
-            for inode, h in self.netns.snapshot().items():
-                try:
-                    counters, somaxconn, socks = read_namespace(h)
-                except OSError:  # the namespace went away between ticks: its last values stand
-                    continue
-                self._last[inode] = counters  # a cache of kernel state: final values if it goes
-                values[inode] = counters
-                gauges[self.netns.labels(inode)] = (somaxconn, socks)
+            with self.netns.borrow() as handles:
+                for inode, h in handles.items():
+                    try:
+                        counters, somaxconn, socks = read_namespace(h)
+                    except (OSError, ValueError) as e:  # counted; its counters' last values stand
+                        self.errors.count(inode, e)
+                        continue
+                    self._last[inode] = counters  # a cache of kernel state: final values if it goes
+                    values[inode] = counters
+                    gauges[self.netns.labels(inode)] = (somaxconn, socks)
             for inode, last in self._last.items():
                 values.setdefault(inode, last)
             totals = self.series.totals(values, lambda inode: Lookup(self.netns.labels(inode)))
@@ -126,4 +128,4 @@ class ListenCollector:
                     small[port] = min(b, small.get(port, b))
             for port, b in sorted(small.items()):
                 backlog.rows.append(((*labels, str(port)), b))
-        return [overflows, drops, saturation, backlog]
+        return [overflows, drops, saturation, backlog, self.errors.family(self.netns.labels)]

@@ -7,9 +7,9 @@ opening connections to one upstream runs out when that one destination holds eve
 range, in any state (TIME_WAIT included). That was seed 000, where the pod's range (32768–61000)
 was narrower than the VM's. Both sysctls are per network namespace.
 
-Kernel interfaces, per namespace, through handles opened once inside it (``agent/netns.py``):
+Kernel interfaces, per namespace, through handles opened once inside it (``agent/identity/netns.py``):
 the two sysctls, and a sock_diag dump of TCP sockets in every state but LISTEN whose local port
-is in the range. Both the state and the port filter run in the kernel (``agent/sockdiag.py``
+is in the range. Both the state and the port filter run in the kernel (``host/sockdiag.py``
 ``ephemeral``). IPv4 and IPv6; an IPv6 socket talking to a v4-mapped address is counted under the
 IPv4 destination.
 
@@ -36,9 +36,9 @@ from collections.abc import Iterable
 
 from prometheus_client.metrics_core import Metric
 
-from agent.netns import NETNS_LABELS, NetnsHandles, NetnsIndex
-from agent.sockdiag import ephemeral
-from probes.families import CompactScalar
+from agent.identity.netns import NETNS_LABELS, NetnsHandles, NetnsIndex, ReadErrors
+from host.sockdiag import address
+from metrics.exposition import CompactScalar
 
 
 def parse_reserved(text: str, low: int, high: int) -> int:
@@ -104,11 +104,13 @@ def read_namespace(h: NetnsHandles) -> tuple[int, dict[str, int]]:
     low, high = (int(x) for x in h.read(h.port_range_fd).split())
     size = high - low + 1 - parse_reserved(h.read(h.reserved_fd), low, high)
     families = families_with_sockets(h.read(h.sockstat_fd), h.read(h.sockstat6_fd))
-    ports: dict[str, set[int]] = {}
-    for s in ephemeral(h.diag, low, high, families):
-        if s.dport == 0:
-            continue
-        ports.setdefault(destination(s.family, s.dst, s.dport), set()).add(s.sport)
+    by_peer: dict[tuple[int, int, bytes], set[int]] = {}  # raw (family, dport, dst) -> local ports
+    for family, sport, dport, dst in h.diag.ephemeral(low, high, families):
+        if dport:
+            by_peer.setdefault((family, dport, dst), set()).add(sport)
+    ports: dict[str, set[int]] = {}  # formatted once per peer: v4 and v4-mapped v6 peers merge here
+    for (family, dport, dst), sports in by_peer.items():
+        ports.setdefault(destination(family, address(family, dst), dport), set()).update(sports)
     return size, {d: len(p) for d, p in ports.items()}
 
 
@@ -121,6 +123,7 @@ class PortsCollector:
         self._memo: dict[int, tuple[tuple, int, dict[str, int]]] = {}  # inode -> (fingerprint, result)
         self._lock = threading.Lock()
         self.dumps = 0  # namespaces dumped (for tests and the bench)
+        self.errors = ReadErrors("ports")
 
     def _usage(self, inode: int, h: NetnsHandles) -> tuple[int, dict[str, int]]:
         fp = fingerprint(h)
@@ -154,16 +157,18 @@ class PortsCollector:
             NETNS_LABELS,
         )
         rows = []
-        namespaces = self.netns.snapshot()
-        for inode, h in namespaces.items():
-            try:
-                usable, per_dest = self._usage(inode, h)
-            except (OSError, ValueError):  # the namespace went away between ticks
-                continue
-            rows.append((self.netns.labels(inode), usable, per_dest))
+        with self.netns.borrow() as namespaces:
+            for inode, h in namespaces.items():
+                try:
+                    usable, per_dest = self._usage(inode, h)
+                except (OSError, ValueError) as e:  # counted, never reported as an empty namespace
+                    self.errors.count(inode, e)
+                    continue
+                rows.append((self.netns.labels(inode), usable, per_dest))
         with self._lock:
             for gone in set(self._memo) - set(namespaces):
                 del self._memo[gone]
+        self.errors.forget_except(set(namespaces))
         for labels, usable, per_dest in sorted(rows, key=lambda r: r[0]):
             size.rows.append((labels, usable))
             top = sorted(per_dest.items(), key=lambda kv: (-kv[1], kv[0]))[: self.top_k]
@@ -171,4 +176,12 @@ class PortsCollector:
                 in_use.rows.append(((*labels, dest), n))
             busiest = top[0][1] if top else 0
             saturation.rows.append((labels, busiest / usable if usable > 0 else 0.0))
-        return [size, in_use, saturation]
+        unreadable = CompactScalar(
+            "nodetune_netns_unreadable",
+            "1 for a live network namespace the agent may not enter (its values are missing; see the log).",
+            "gauge",
+            NETNS_LABELS,
+        )
+        for labels in sorted(self.netns.labels(inode) for inode in dict(self.netns.unreadable)):
+            unreadable.add(labels, 1)
+        return [size, in_use, saturation, self.errors.family(self.netns.labels), unreadable]

@@ -14,8 +14,10 @@ Kernel interfaces (read at scrape time only):
 Exported: every pod container cgroup and pod-level cgroup (``container=""``, as cAdvisor does), and
 every non-pod cgroup that has a quota (several under one two-level host label: the shallowest
 one, so nested quotas are not counted twice). Labels come from the identity service only. The
-list of cgroups is kept by ``agent.cgroup_tree`` (inotify, no walk per scrape), and counters go
-through the same label-set accounting as the probes (``probes/series.py``): a restarted
+list of cgroups is the hierarchy's shared index (``agent/identity/cgroup_hierarchy.py``: inotify,
+no walk per scrape; the one the identity service and netns index use when they read the same
+hierarchy), and counters go
+through the same label-set accounting as the probes (``metrics/workload_series.py``): a restarted
 container's new cgroup continues its label set's counters, which never go back. A scrape refreshes
 caches of kernel state (the tree, each cgroup's last values) and changes nothing else; retiring
 vanished cgroups and following label changes is ``maintain()``'s, on the agent's timer.
@@ -35,31 +37,18 @@ from pathlib import Path
 
 from prometheus_client.metrics_core import Metric
 
-from agent.cgroup_tree import CgroupTree
-from agent.paths import HostPaths
-from agent.workloads import WORKLOAD_LABELS, Workloads, parse_cgroup_path
-from probes.families import CompactScalar
-from probes.series import Lookup, WorkloadSeries
+from agent.identity.cgroup_hierarchy import CgroupHierarchies
+from agent.identity.workloads import WORKLOAD_LABELS, Workloads, parse_cgroup_path
+from host.paths import HostPaths, read_small
+from metrics.exposition import CompactScalar
+from metrics.workload_series import Lookup, WorkloadSeries
 
 log = logging.getLogger(__name__)
 
 # Counter vector layout (what the series accounting keeps per cgroup).
 PERIODS, THROTTLED, THROTTLED_NS, USAGE_NS, BURSTS, BURST_NS = range(6)
 WIDTH = 6
-
-
-def read_small(path: str) -> str | None:
-    """A pseudo-file's text (one read, no Python file object); None when it is not there."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENOTDIR):
-            return None
-        raise
-    try:
-        return os.read(fd, 4096).decode()
-    finally:
-        os.close(fd)
+Key = tuple[str, int]  # a cgroup: (path, identity), see KeptFiles.ident
 
 
 class KeptFiles:
@@ -67,25 +56,38 @@ class KeptFiles:
     regenerates its text on a read at offset 0. An open by path walks every component of a long
     cgroup path (14 us here); a pread on a kept fd costs 2.3 us. Each cgroup's fds are closed when
     it leaves the tree; reading a removed cgroup's file fails with ENODEV, which means gone. If the
-    process runs out of descriptors, files are opened per read instead (logged once)."""
+    process runs out of descriptors, files are opened per read instead (logged once).
+
+    ``ident()`` tells cgroups apart that had the same path: every kernfs node has an inode number
+    of its own (fs/kernfs/dir.c, ``kernfs_new_node`` allocates it from an idr), so a cgroup removed
+    and made again at the same path has files with new inode numbers."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._fds: dict[str, dict[str, int]] = {}
+        self._inos: dict[tuple[str, str], int] = {}
         self._keep = True
-        self._cached: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._cached: dict[str, dict[str, tuple[float, str | None]]] = {}  # directory -> name -> (t, text)
         self.clock = clock
 
     def read_settled(self, directory: str, name: str, max_age_s: float = 5.0) -> str | None:
         """A setting that changes only when someone reconfigures the cgroup (quota, period, burst):
         read at most every ``max_age_s``, which saves three of five reads per cgroup per scrape.
-        A limit change (an in-place pod resize) therefore shows within 5 s; counters are always read."""
+        A limit change (an in-place pod resize) therefore shows within 5 s; counters are always read.
+        A miss (no such file: no burst support, no cpu controller) is kept as well, and dropped
+        with the directory by ``forget()``."""
         now = self.clock()
-        hit = self._cached.get((directory, name))
+        cached = self._cached.setdefault(directory, {})
+        hit = cached.get(name)
         if hit is not None and now - hit[0] < max_age_s:
             return hit[1]
         text = self.read(directory, name)
-        self._cached[(directory, name)] = (now, text)
+        if directory in self._cached:  # not forgotten by the read (the cgroup went away)
+            cached[name] = (now, text)
         return text
+
+    def ident(self, directory: str, name: str) -> int:
+        """The inode of the file last read as ``directory/name`` (0 if it never was)."""
+        return self._inos.get((directory, name), 0)
 
     def read(self, directory: str, name: str) -> str | None:
         files = self._fds.setdefault(directory, {})
@@ -97,6 +99,7 @@ class KeptFiles:
                 if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENOTDIR):
                     return None
                 raise
+            self._inos[(directory, name)] = os.fstat(fd).st_ino
             if not self._keep:
                 try:
                     return os.read(fd, 4096).decode()
@@ -111,8 +114,9 @@ class KeptFiles:
         except OSError as e:
             if e.errno not in (errno.ENODEV, errno.ENOENT):
                 raise
-            # The cgroup was removed (maybe made again at the same path): drop the stale fd.
-            os.close(files.pop(name))
+            # The cgroup was removed (maybe made again at the same path): drop its stale fds and
+            # settings, so a new cgroup there is read afresh.
+            self.forget(directory)
             return None
 
     def _near_limit(self) -> bool:
@@ -120,12 +124,18 @@ class KeptFiles:
         return soft != resource.RLIM_INFINITY and sum(len(f) for f in self._fds.values()) > soft // 2
 
     def forget(self, directory: str) -> None:
+        """Close a cgroup's files and drop all that is kept of it (settings and misses included)."""
         for name, fd in self._fds.pop(directory, {}).items():
             os.close(fd)
-            self._cached.pop((directory, name), None)
+            self._inos.pop((directory, name), None)
+        self._cached.pop(directory, None)
+
+    def kept(self) -> int:
+        """Directories with anything kept (tests: nothing outlives its cgroup)."""
+        return len(set(self._fds) | set(self._cached))
 
     def close(self) -> None:
-        for directory in list(self._fds):
+        for directory in list(set(self._fds) | set(self._cached)):
             self.forget(directory)
 
 
@@ -148,6 +158,7 @@ class Sample:
     """One cgroup's numbers at one read: counters (WIDTH, ns and counts) and limits (cores)."""
 
     counters: list[int]
+    ident: int  # which cgroup was read: its cpu.stat's inode (two cgroups can have had one path)
     has_burst: bool
     limit_cores: float | None  # None: no quota
     burst_cores: float | None  # None: the kernel has no CFS burst
@@ -189,7 +200,7 @@ class CgroupV2Reader:
             stat.get("nr_bursts", 0),
             stat.get("burst_usec", 0) * 1000,
         ]
-        return Sample(counters, "nr_bursts" in stat, limit, burst)
+        return Sample(counters, self.files.ident(base, "cpu.stat"), "nr_bursts" in stat, limit, burst)
 
 
 class CgroupV1Reader:
@@ -234,6 +245,7 @@ class CgroupV1Reader:
         ]
         return Sample(
             counters,
+            self.files.ident(base, "cpu.stat"),
             "nr_bursts" in stat,
             None if quota < 0 else quota / period,
             None if burst_text is None else int(burst_text) / period,
@@ -263,20 +275,28 @@ class ThrottlingCollector:
         workloads: Workloads,
         grace_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        hierarchies: CgroupHierarchies | None = None,
     ) -> None:
+        """``hierarchies``: the agent's shared indexes (one per hierarchy root); without them the
+        collector keeps its own."""
         found = cpu_hierarchy(paths)
         if found is None:
             raise FileNotFoundError(f"no cgroup cpu controller under {paths.cgroup}")
         self.hierarchy, root, cpuacct = found
         self.reader = CgroupV2Reader(root) if self.hierarchy == "unified" else CgroupV1Reader(root, cpuacct)
-        self.tree = CgroupTree(root)
+        raise_open_file_limit()
         self.workloads = workloads
         self.series = WorkloadSeries(WIDTH, grace_s, clock)
-        self._last: dict[str, Sample] = {}  # newest read of each cgroup (its final values when it goes)
+        self._last: dict[Key, Sample] = {}  # newest read of each cgroup (its final values when it goes)
         self._kind: dict[str, bool | None] = {}  # path -> is_pod, None = skipped (parsed once per path)
-        raise_open_file_limit()
         self._lock = threading.Lock()
-        log.info("throttling: reading the %s hierarchy at %s (%d cgroups)", self.hierarchy, root, len(self.tree.paths))
+        self._own = hierarchies is None
+        self.hierarchies = CgroupHierarchies() if hierarchies is None else hierarchies
+        self.cgroups = self.hierarchies.get(root)
+        self.changes = self.cgroups.subscribe()  # last: a constructor that failed leaves no log behind
+        log.info(
+            "throttling: reading the %s hierarchy at %s (%d cgroups)", self.hierarchy, root, len(self.cgroups.paths)
+        )
 
     # --- which cgroups ----------------------------------------------------------------------
     def _classify(self, path: str) -> bool | None:
@@ -291,63 +311,78 @@ class ThrottlingCollector:
     def _candidates(self) -> list[tuple[str, bool]]:
         """(path, is_pod) of every cgroup worth reading; the root and conmon cgroups skipped."""
         out = []
-        for path in self.tree.paths:
+        for path in self.cgroups.paths:
             kind = self._classify(path)
             if kind is not None:
                 out.append((path, kind))
         return out
 
-    def _read_all(self) -> dict[str, tuple[Sample, tuple[str, ...]]]:
-        """path -> (sample, labels) of the cgroups exported now (reads the kernel)."""
-        picked: dict[str, tuple[Sample, tuple[str, ...]]] = {}
-        host_owner: dict[tuple[str, ...], str] = {}  # host label set -> shallowest cgroup with a quota
+    def _read_all(self) -> dict[Key, tuple[Sample, tuple[str, ...]]]:
+        """(path, ident) -> (sample, labels) of the cgroups exported now (reads the kernel)."""
+        picked: dict[Key, tuple[Sample, tuple[str, ...]]] = {}
+        host_owner: dict[tuple[str, ...], Key] = {}  # host label set -> shallowest cgroup with a quota
         for path, is_pod in self._candidates():
             sample = self.reader.read(path, limited_only=not is_pod)
             if sample is None:
                 continue
+            key = (path, sample.ident)
             labels = self.workloads.labels_for_path(path)
             if not is_pod:
                 owner = host_owner.get(labels)
-                if owner is not None and owner.count("/") <= path.count("/"):
+                if owner is not None and owner[0].count("/") <= path.count("/"):
                     continue
                 if owner is not None:
                     picked.pop(owner, None)
-                host_owner[labels] = path
-            picked[path] = (sample, labels)
+                host_owner[labels] = key
+            picked[key] = (sample, labels)
         return picked
+
+    def _retire(self, key: Key) -> None:
+        self.series.retire(key, self._last.pop(key).counters)  # type: ignore[arg-type]
 
     # --- timer ------------------------------------------------------------------------------
     def maintain(self) -> None:
         """Retire cgroups that are gone (their last read values stay in their label sets),
-        register new ones and follow label changes, drop expired label sets."""
+        register new ones and follow label changes, drop expired label sets. A cgroup is its path
+        and its identity: one made again at the same path is a new member of the label set, and
+        the old one's final counts stay in it."""
         with self._lock:
-            _added, removed = self.tree.refresh()
+            taken = self.changes.take()
+            live = self.cgroups.paths
+            removed = taken.removed
+            if taken.overflowed:  # too many changes to list: what is kept of a path not there is gone;
+                # one made again at its path is told apart by its files' inodes (KeptFiles.ident)
+                removed = {path for path in set(self._kind) | {p for p, _i in self._last} if path not in live}
             for path in removed:
                 self.reader.forget(path)
                 self._kind.pop(path, None)
-                last = self._last.pop(path, None)
-                if last is not None:
-                    self.series.retire(path, last.counters)
-            for path, (sample, labels) in self._read_all().items():
-                self._last[path] = sample
-                self.series.observe(path, sample.counters, Lookup(labels))  # type: ignore[arg-type]
-            for path in set(self._last) - self.tree.paths:
-                self.series.retire(path, self._last.pop(path).counters)
+            current = self._read_all()
+            now_at = {path: ident for path, ident in current}
+            for key in list(self._last):
+                path, ident = key
+                if key in current:
+                    continue
+                if path not in live or path in removed or now_at.get(path, ident) != ident:
+                    self._retire(key)  # gone, or replaced by a new cgroup at its path
+            for key, (sample, labels) in current.items():
+                self._last[key] = sample
+                self.series.observe(key, sample.counters, Lookup(labels))  # type: ignore[arg-type]
             self.series.expire()
 
     # --- scrape -----------------------------------------------------------------------------
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             current = self._read_all()
-            for path, (sample, _labels) in current.items():
-                self._last[path] = sample  # a cache of kernel state: final values if it goes
-            # A cgroup removed since the last tick but not yet retired keeps its last values.
-            values = {p: s.counters for p, (s, _l) in current.items()}
-            labels_of = {p: lbl for p, (_s, lbl) in current.items()}
-            for path, sample in self._last.items():
-                if path not in values:
-                    values[path] = sample.counters
-            totals = self.series.totals(values, lambda p: Lookup(labels_of.get(p)))  # type: ignore[arg-type]
+            for key, (sample, _labels) in current.items():
+                self._last[key] = sample  # a cache of kernel state: final values if it goes
+            # A cgroup removed (or replaced at its path) since the last tick keeps its last values
+            # until the timer retires it into its label set.
+            values = {k: s.counters for k, (s, _l) in current.items()}
+            labels_of = {k: lbl for k, (_s, lbl) in current.items()}
+            for key, sample in self._last.items():
+                if key not in values:
+                    values[key] = sample.counters
+            totals = self.series.totals(values, lambda k: Lookup(labels_of.get(k)))  # type: ignore[arg-type]
         names = WORKLOAD_LABELS
         counters = [
             (PERIODS, 1, "nodetune_cpu_cfs_periods", "CFS bandwidth periods that elapsed with the cgroup runnable."),
@@ -397,5 +432,7 @@ class ThrottlingCollector:
         return out
 
     def close(self) -> None:
-        self.tree.close()
+        self.changes.close()
+        if self._own:
+            self.hierarchies.close()
         self.reader.files.close()

@@ -4,8 +4,8 @@ An item reads its keys (``read``), says what each should be given what it is now
 ``>=`` limit keeps a higher current value), and writes one (``write``). ``plan()`` is pure over
 the reads: the list of ``Change(item, key, old, new)``, empty when in sync. Journaling,
 read-back and rollback are the engine's (``agent/tuning/engine.py``), the same for every item.
-Paths come from :class:`TuningHost`, so ``--host-root`` points every item at a host mounted
-elsewhere and tests use fixture trees.
+Paths come from :class:`host.paths.HostPaths`, so ``--host-root`` points every item at a host
+mounted elsewhere and tests use fixture trees.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from host.paths import HostPaths
 
 
 @dataclass(frozen=True)
@@ -35,59 +37,25 @@ class Unchangeable(TuningError):
     """The kernel will never take this write (an IRQ it cannot move): skip the key, not the run."""
 
 
-@dataclass(frozen=True)
-class TuningHost:
-    """Where the host's files are: ``root`` is the host's ``/`` (``--host-root``)."""
-
-    root: Path = Path("/")
-    state_dir: Path | None = None  # the journal's directory; default <root>/var/lib/nodetune
-
-    @property
-    def proc_sys(self) -> Path:
-        return self.root / "proc/sys"
-
-    @property
-    def thp(self) -> Path:
-        return self.root / "sys/kernel/mm/transparent_hugepage"
-
-    @property
-    def cmdline(self) -> Path:
-        return self.root / "proc/cmdline"
-
-    @property
-    def boot_id(self) -> str:
-        try:
-            return (self.root / "proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            return ""
-
-    @property
-    def journal_dir(self) -> Path:
-        return self.state_dir or self.root / "var/lib/nodetune"
-
-    @property
-    def sysctl_conf(self) -> list[Path]:
-        """sysctl.d(5) locations, in the order systemd-sysctl reads them."""
-        dirs = [self.root / d for d in ("etc/sysctl.d", "run/sysctl.d", "usr/local/lib/sysctl.d", "usr/lib/sysctl.d")]
-        files: dict[str, Path] = {}
-        for d in dirs:
-            try:
-                for f in sorted(d.glob("*.conf")):
-                    files.setdefault(f.name, f)  # the first directory's file of a name wins
-            except OSError:
-                continue
-        out = [files[name] for name in sorted(files)]
-        conf = self.root / "etc/sysctl.conf"
-        return [*out, conf] if conf.is_file() else out
-
-
 def read_text(path: Path) -> str:
     return path.read_text().strip()
 
 
-def write_text(path: Path, value: str) -> None:
-    """One write(2) of the whole value, as sysctl(8) does: procfs and sysfs take it at once."""
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, every symlink resolved, is under ``root`` (also resolved): the one
+    containment check of every item's files, for profile keys and journal keys alike."""
+    top = os.path.realpath(root)
+    return os.path.realpath(path).startswith(top.rstrip(os.sep) + os.sep)
+
+
+def write_text(path: Path, value: str, root: Path) -> None:
+    """One write(2) of the whole value, as sysctl(8) does: procfs and sysfs take it at once. The
+    file must resolve inside the host's ``root``, and its last component is opened with O_NOFOLLOW
+    (a symlink swapped in after the check is ELOOP, not followed); procfs and sysfs control files
+    are never symlinks."""
+    if not inside(root, path):
+        raise OSError(f"{path} resolves outside the host root {root}")
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
     try:
         os.write(fd, (value + "\n").encode())
     finally:
@@ -96,8 +64,11 @@ def write_text(path: Path, value: str) -> None:
 
 class TuningItem(abc.ABC):
     name: str = ""
+    survives_reboot: bool = False
+    """Whether the item's change outlives a reboot (a disabled systemd unit does; a sysctl, THP or
+    IRQ affinity is back at its boot value): its journaled originals are kept across a new boot id."""
 
-    def __init__(self, host: TuningHost) -> None:
+    def __init__(self, host: HostPaths) -> None:
         self.host = host
 
     @abc.abstractmethod
@@ -131,3 +102,24 @@ class TuningItem(abc.ABC):
     def notes(self) -> list[str]:
         """Facts worth telling the operator (a key managed elsewhere, a boot parameter)."""
         return []
+
+    def owns(self, key: str) -> bool:
+        """Whether the profile still names ``key`` (a journaled key it no longer names is put back to
+        its original). Differs from ``managed_keys`` where that depends on the host's state."""
+        return key in self.managed_keys()
+
+    def journal_key_ok(self, key: str) -> bool:
+        """Whether ``key``, read from the journal, is one this item can hold on this host (the
+        item as ``engine.writer`` builds it: every key it could ever manage), its file inside the
+        host root."""
+        return key in self.managed_keys()
+
+    def journal_value_ok(self, key: str, value: str) -> bool:
+        """Whether ``value``, read from the journal, is one this item could have read from ``key``
+        (so writing it back is a value of the key's shape, never a crash or something else)."""
+        return "\n" not in value and "\0" not in value
+
+    def survives(self, key: str) -> bool:
+        """Whether a change written now outlives a reboot; recorded in the key's journal entry when
+        it is first changed (``survives_reboot`` is the item's default)."""
+        return self.survives_reboot

@@ -11,11 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.tuning.base import TuningError, TuningHost
+from agent.tuning.base import TuningError
 from agent.tuning.engine import ApplyFailed, Engine
 from agent.tuning.journal import JournalError
-from agent.tuning.profile import ProfileError, parse, select
+from agent.tuning.lock import DEFAULT_TIMEOUT_S
+from agent.tuning.profile import ProfileError, parse, read_profile_text, select
 from agent.tuning.validate import build
+from host.paths import HostPaths
 
 OK, PENDING, INVALID, FAILED = 0, 1, 2, 3
 
@@ -28,6 +30,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     tune.add_argument("--state-dir", default=None, help="journal directory (default: <host-root>/var/lib/nodetune)")
     tune.add_argument(
         "--node-labels", default=None, help="k=v,... this node's labels for profile selectors (default: none known)"
+    )
+    tune.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds to wait for the host's tuning lock held by another writer (default: {DEFAULT_TIMEOUT_S:g});"
+        " then exit 3, nothing changed",
     )
 
 
@@ -44,23 +54,26 @@ def parse_labels(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
-    host = TuningHost(Path(args.host_root), Path(args.state_dir) if args.state_dir else None)
+    host = HostPaths(Path(args.host_root), Path(args.state_dir) if args.state_dir else None)
     try:
         labels = parse_labels(args.node_labels)
         if args.profile is None and args.action != "revert":
             raise ProfileError(f"tune {args.action}: --profile FILE is required")
-        items, warnings, name = [], [], ""
+        items, warnings, name, unsafe = [], [], "", []
         if args.profile is not None:
             try:
-                text = Path(args.profile).read_text()
+                text = read_profile_text(Path(args.profile))
             except OSError as e:
                 raise ProfileError(f"{args.profile}: {e.strerror}") from None
             profile = select(parse(text), labels)
             if profile is None:
                 raise ProfileError(f"{args.profile}: no profile matches this node's labels")
             items, warnings = build(profile, host)
-            name = profile.name
-        engine = Engine(host, items, name)
+            name, unsafe = profile.name, profile.unsafe
+        lock_timeout = getattr(args, "lock_timeout", None)  # None: the lock's default
+        if lock_timeout is not None and not lock_timeout >= 0:  # also NaN
+            raise ProfileError(f"--lock-timeout {lock_timeout}: must be 0 or more seconds")
+        engine = Engine(host, items, name, lock_timeout_s=lock_timeout, unsafe=unsafe)
         for w in warnings:
             print(f"warning: {w}", file=err)
         if args.action in ("plan", "verify"):
@@ -94,9 +107,7 @@ def run(args: argparse.Namespace, out=sys.stdout, err=sys.stderr) -> int:
         print(f"nodetune: {e}", file=err)
         return INVALID
     except ApplyFailed as e:
-        print(f"nodetune: {e}; put back: {', '.join(c.key for c in e.restored) or 'nothing written'}", file=err)
-        if e.unrestored:
-            print(f"nodetune: could NOT put back: {', '.join(e.unrestored)} (still in the journal)", file=err)
+        print(f"nodetune: {e}; {e.outcome()}", file=err)
         return FAILED
     except (OSError, TuningError) as e:
         print(f"nodetune: {e}", file=err)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import re
+
+_NUMBER = re.compile(r"^[0-9]+$")  # ASCII, as the kernel's bitmap_parselist(); str.isdigit() takes "²"
+
 
 class CpuListError(ValueError):
     pass
@@ -15,7 +19,8 @@ def parse_cpulist(text: str) -> list[int]:
         raise CpuListError("empty CPU list")
     for part in text.split(","):
         lo, sep, hi = part.strip().partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
+        lo, hi = lo.strip(), hi.strip()
+        if not _NUMBER.match(lo) or (sep and not _NUMBER.match(hi)):
             raise CpuListError(f"{part!r} is not a CPU number or range")
         first, last = int(lo), int(hi) if sep else int(lo)
         if first > last or last >= 8192:

@@ -16,22 +16,24 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
 
-from agent.tuning.base import TuningHost, TuningItem, Unchangeable, read_text, write_text
-from agent.tuning.cpulist import format_cpulist, parse_cpulist
+from agent.tuning.base import TuningItem, Unchangeable, inside, read_text, write_text
+from agent.tuning.cpulist import CpuListError, format_cpulist, parse_cpulist
 from agent.tuning.irqbalance import irqbalance_pids
 from agent.tuning.profile import IrqAffinity
+from host.paths import HostPaths
 
 
-def nic_irqs(host: TuningHost, interface: str) -> list[int]:
+def nic_irqs(host: HostPaths, interface: str) -> list[int]:
     """MSI/MSI-X vectors of the device behind ``interface``, from sysfs; [] if none."""
-    link = host.root / "sys/class/net" / interface / "device"
+    link = host.sys / "class/net" / interface / "device"
     try:
         device = link.resolve(strict=True)
     except OSError:
         return []
-    sys_root = (host.root / "sys").resolve()
+    sys_root = host.sys.resolve()
     for d in (device, *device.parents):
         if d == sys_root or sys_root not in d.parents:
             break
@@ -41,7 +43,7 @@ def nic_irqs(host: TuningHost, interface: str) -> list[int]:
     return []
 
 
-def exclusive_cpus(host: TuningHost) -> list[int]:
+def exclusive_cpus(host: HostPaths) -> list[int]:
     """CPUs the kubelet's static CPU manager assigned to containers exclusively."""
     try:
         state = json.loads((host.root / "var/lib/kubelet/cpu_manager_state").read_text())
@@ -57,9 +59,9 @@ def exclusive_cpus(host: TuningHost) -> list[int]:
     return sorted(cpus)
 
 
-def online_cpus(host: TuningHost) -> list[int]:
+def online_cpus(host: HostPaths) -> list[int]:
     try:
-        return parse_cpulist(read_text(host.root / "sys/devices/system/cpu/online"))
+        return parse_cpulist(read_text(host.sys / "devices/system/cpu/online"))
     except (OSError, ValueError):
         return []
 
@@ -67,7 +69,7 @@ def online_cpus(host: TuningHost) -> list[int]:
 class IrqAffinityItem(TuningItem):
     name = "irq_affinity"
 
-    def __init__(self, host: TuningHost, spec: IrqAffinity | None) -> None:
+    def __init__(self, host: HostPaths, spec: IrqAffinity | None) -> None:
         super().__init__(host)
         self.spec = spec
         self.unchangeable: set[str] = set()
@@ -90,7 +92,7 @@ class IrqAffinityItem(TuningItem):
         return [f"irq{irq}" for irq in self.irqs() if f"irq{irq}" not in self.unchangeable]
 
     def _path(self, key: str) -> Path:
-        return self.host.root / "proc/irq" / key.removeprefix("irq") / "smp_affinity_list"
+        return self.host.proc / "irq" / key.removeprefix("irq") / "smp_affinity_list"
 
     def read(self, key: str) -> str:
         return format_cpulist(parse_cpulist(read_text(self._path(key))))
@@ -106,9 +108,22 @@ class IrqAffinityItem(TuningItem):
     def same(self, key: str, current: str, value: str) -> bool:
         return parse_cpulist(current) == parse_cpulist(value)
 
+    def owns(self, key: str) -> bool:
+        """The profile's NICs' IRQs, whether or not irqbalance runs now."""
+        return self.spec is not None and key in {f"irq{irq}" for irq in self.irqs()}
+
+    def journal_key_ok(self, key: str) -> bool:
+        return re.fullmatch(r"irq[0-9]{1,7}", key) is not None and inside(self.host.root, self._path(key))
+
+    def journal_value_ok(self, key: str, value: str) -> bool:
+        try:
+            return bool(parse_cpulist(value))
+        except CpuListError:
+            return False
+
     def write(self, key: str, value: str) -> None:
         try:
-            write_text(self._path(key), value)
+            write_text(self._path(key), value, self.host.root)
         except OSError as e:
             # EIO: the chip cannot set it; EPERM: a managed or per-CPU interrupt
             # (kernel/irq/proc.c write_irq_affinity, irq_can_set_affinity_usr): never movable.

@@ -5,19 +5,29 @@ optional node-label ``selector`` and a ``priority``. Parsing never touches the h
 a list of profiles or a :class:`ProfileError` naming the bad field (the property test in
 ``tests/agent/tuning/test_profile.py`` feeds it arbitrary YAML). Checks that need the host (does
 the sysctl exist, which THP values does this kernel offer) are in ``agent/tuning/validate.py``.
+Files are UTF-8 (``read_profile_text``); a key repeated in a YAML mapping is an error; numbers are
+ASCII as the kernel parses them; sysctls that hand out root (``agent/tuning/refused.py``) are
+refused unless the profile names them under ``unsafe:``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.tuning.refused import refusal
 
 SYSCTL_KEY = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)+$")  # dots only: never a path
-SYSCTL_VALUE = re.compile(r"^(>=\s*\d+|[^\s][^\n]*)$")
+# ">=" takes one whole number, as the kernel parses it: ASCII digits (proc_get_long() uses
+# strtoul; Python's int() and str.isdigit() also take "٥٠٠٠" and "²", which the kernel refuses).
+FLOOR = re.compile(r"^>=\s*([0-9]+)$")
+SYSCTL_VALUE = re.compile(r"^[^\s][^\n]*$")
+NUMBER = re.compile(r"^-?[0-9]+$")
 THP_MODES = ("always", "madvise", "never")
 ITEMS = ("sysctl", "thp", "irqbalance", "irq_affinity", "kmod")  # apply order: irqbalance before pinning
 THP_DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
@@ -25,6 +35,39 @@ THP_DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
 
 class ProfileError(ValueError):
     """The profile is invalid; the message names the field."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key repeated in a mapping is an error (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
+        try:
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+            )
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_profile_text(path: Path) -> str:
+    """A profile file's text: UTF-8 only (a UTF-16 or Latin-1 file is a ProfileError, not a
+    traceback); OSError when it cannot be read."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
 
 
 class THP(BaseModel):
@@ -81,6 +124,7 @@ class Profile(BaseModel):
     irqbalance: Irqbalance | None = None
     irq_affinity: IrqAffinity | None = None
     kmod: Kmod | None = None
+    unsafe: list[str] = Field(default_factory=list)  # sysctl keys allowed although refused (refused.py)
 
     @field_validator("sysctl", mode="before")
     @classmethod
@@ -94,10 +138,31 @@ class Profile(BaseModel):
             if isinstance(value, bool) or not isinstance(value, (str, int)):
                 raise ValueError(f"sysctl {key}: value {value!r} must be a number or a string")
             text = str(value).strip()
+            if text.startswith(">="):
+                floor = FLOOR.match(text)
+                if floor is None:
+                    raise ValueError(f"sysctl {key}: {value!r}: '>=' takes one whole number (ASCII digits)")
+                out[key] = ">=" + floor.group(1)  # a leading zero is refused by validate.py
+                continue
             if not text or not SYSCTL_VALUE.match(text):
                 raise ValueError(f"sysctl {key}: value {value!r} is empty or malformed")
-            out[key] = " ".join(text.split()) if not text.startswith(">=") else ">=" + text[2:].strip()
+            fields = text.split()
+            # numbers are normalised to single spaces; a string sysctl (core_pattern "a  b") is kept as
+            # written: its spaces are part of the value
+            out[key] = " ".join(fields) if all(NUMBER.match(f) for f in fields) else text
         return out
+
+    @model_validator(mode="after")
+    def _refused(self) -> Profile:
+        """Keys that hand out root (``agent/tuning/refused.py``) only when named under ``unsafe:``."""
+        for key in self.unsafe:
+            if key not in self.sysctl:
+                raise ValueError(f"unsafe: {key!r} is not a sysctl of this profile")
+        for key, value in self.sysctl.items():
+            why = refusal(key, value.removeprefix(">="))
+            if why and key not in self.unsafe:
+                raise ValueError(f"sysctl {key}: refused ({why}); name it under 'unsafe:' to allow it")
+        return self
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -121,7 +186,7 @@ def _location(err: ValidationError) -> str:
 def parse(text: str) -> list[Profile]:
     """Profiles in a YAML document; raises ProfileError (never another exception)."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as e:
         raise ProfileError(f"not YAML: {e}") from None
     except (ValueError, RecursionError) as e:  # e.g. yaml's int overflow or deeply nested input

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 
-from agent.tuning.base import TuningHost, TuningItem, read_text, write_text
+from agent.tuning.base import TuningItem, inside, read_text, write_text
 from agent.tuning.profile import THP, THP_DEFRAG, THP_MODES
+from host.paths import HostPaths
 
 _CURRENT = re.compile(r"\[([^\]]+)\]")
 
@@ -30,7 +31,7 @@ def offered(text: str, key: str = "enabled") -> tuple[list[str], str | None]:
 class ThpItem(TuningItem):
     name = "thp"
 
-    def __init__(self, host: TuningHost, spec: THP) -> None:
+    def __init__(self, host: HostPaths, spec: THP) -> None:
         super().__init__(host)
         self.spec = {k: v for k, v in (("enabled", spec.enabled), ("defrag", spec.defrag)) if v}
 
@@ -57,7 +58,16 @@ class ThpItem(TuningItem):
         return self.spec[key]
 
     def write(self, key: str, value: str) -> None:
-        write_text(self.host.thp / key, value)
+        write_text(self.host.thp / key, value, self.host.root)
+
+    def owns(self, key: str) -> bool:
+        return key in self.spec
+
+    def journal_key_ok(self, key: str) -> bool:
+        return key in ("enabled", "defrag") and inside(self.host.root, self.host.thp / key)
+
+    def journal_value_ok(self, key: str, value: str) -> bool:
+        return value in (THP_MODES if key == "enabled" else THP_DEFRAG)
 
     def notes(self) -> list[str]:
         boot = self.boot_choice()

@@ -8,20 +8,36 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.paths import HostPaths
-from probes import bpfsys
+from agent.daemon import Agent, prefetch_in_order
+from host.paths import HostPaths
+from probes import bpfsys, reclaim
 from probes.base import KernelFacts, Probe
-from tests.conftest import BUSY, SLEEPER, SpreadCgroup, free_port, http_get, parse_metrics, run_delay_ns
+from tests import bpf_query
+from tests.conftest import (
+    BUSY,
+    REPO,
+    SLEEPER,
+    SpreadCgroup,
+    free_port,
+    http_get,
+    parse_metrics,
+    run_delay_ns,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import TestCgroup
 
 # Every unit of a default agent, all succeeding: the probes and the collectors.
 UNITS_UP = {
@@ -34,7 +50,7 @@ HIST = "nodetune_runqueue_latency_seconds"
 def series(metrics: dict, cgroup: str) -> dict[str, float]:
     """{le: cumulative count, "sum": s, "count": n} of one workload's histogram."""
     out: dict[str, float] = {}
-    for s in metrics[HIST]:
+    for s in metrics.get(HIST, []):
         if s.labels.get("cgroup") != cgroup:
             continue
         if s.name.endswith("_bucket"):
@@ -55,37 +71,62 @@ def quantile(q: float, after: dict[str, float], before: dict[str, float]) -> flo
     return float("inf")
 
 
+def delays(*groups: TestCgroup) -> tuple[int, ...]:
+    """Each test cgroup's schedstat run_delay (ns), read now."""
+    return tuple(run_delay_ns(g.pids()) for g in groups)
+
+
+def assert_within(probe_s: float, low_s: float, high_s: float, rel: float, abs_s: float) -> None:
+    """The probe's sum lies in the kernel's bracket [low, high], give or take rel x high + abs."""
+    slack = rel * high_s + abs_s
+    assert low_s - slack <= probe_s <= high_s + slack, f"histogram sum {probe_s}s vs schedstat [{low_s}, {high_s}]s"
+
+
 @pytest.mark.bpf
-def test_busy_cgroup_tail_far_above_idle_and_matches_schedstat(agent_process, make_cgroup) -> None:
+def test_busy_cgroup_waits_far_more_than_idle_and_matches_schedstat(agent_process, make_cgroup) -> None:
     busy, idle = make_cgroup("busy"), make_cgroup("idle")
     agent = agent_process()
     cpus = sorted(os.sched_getaffinity(0))
     for _ in range(len(cpus) + 2):  # more runnable busy tasks than CPUs, all on one CPU
         busy.spawn(BUSY, cpu=cpus[0])
     idle.spawn(SLEEPER, cpu=cpus[-1])
-    time.sleep(1)
+    wait_until(  # both test cgroups export a series with cgroup=<path>
+        lambda: (m := agent.metrics()) and series(m, busy.rel) and series(m, idle.rel), what="both series"
+    )
 
+    # The kernel's run_delay is read just before and just after each scrape: a wait that ends while
+    # the agent reads its maps is in one count and not yet in the other, and the scrape itself makes
+    # such waits (the agent runs on the CPUs the tasks wait for: a CI run saw the sleeper's 8 ms in
+    # flight). The histogram's sums must fall inside the bracket the two reads give.
+    busy0, idle0 = delays(busy, idle)
+    outer0 = time.monotonic()
     before = agent.metrics()
-    delay_before = run_delay_ns(busy.pids())
-    time.sleep(4)
+    inner0 = time.monotonic()
+    busy1, idle1 = delays(busy, idle)
+    time.sleep(4)  # the window measured (not a wait for something to happen)
+    busy2, idle2 = delays(busy, idle)
+    inner1 = time.monotonic()
     after = agent.metrics()
-    delay_after = run_delay_ns(busy.pids())
+    outer1 = time.monotonic()
+    busy3, idle3 = delays(busy, idle)
 
     b0, b1 = series(before, busy.rel), series(after, busy.rel)
     i0, i1 = series(before, idle.rel), series(after, idle.rel)
     assert b1 and i1, "both test cgroups export a series with cgroup=<path>"
     busy_p50, busy_p99 = quantile(0.5, b1, b0), quantile(0.99, b1, b0)
-    idle_p90, idle_p99 = quantile(0.9, i1, i0), quantile(0.99, i1, i0)
-    print(f"busy p50 <= {busy_p50:g}s p99 <= {busy_p99:g}s, idle p90 <= {idle_p90:g}s p99 <= {idle_p99:g}s")
-    # Half the busy waits outlast a millisecond (each task waits out the others' slices); nine in ten
-    # of the sleeper's are within a few µs. Not the sleeper's p99: its CPU also runs the agent and
-    # pytest, and a scrape there delayed 1 % of its wakeups by 2-4 ms once (p99 4 ms against busy's 16).
-    assert busy_p50 >= 1e-3, f"busy p50 {busy_p50}"
-    assert busy_p50 >= 64 * idle_p90, f"busy p50 {busy_p50} vs idle p90 {idle_p90}"
-
-    probe_s = b1["sum"] - b0["sum"]
-    kernel_s = (delay_after - delay_before) / 1e9
-    assert abs(probe_s - kernel_s) <= 0.10 * kernel_s, f"histogram sum {probe_s}s vs schedstat {kernel_s}s"
+    idle_p50, idle_p90 = quantile(0.5, i1, i0), quantile(0.9, i1, i0)
+    print(f"busy p50 <= {busy_p50:g}s p99 <= {busy_p99:g}s, idle p50 <= {idle_p50:g}s p90 <= {idle_p90:g}s")
+    # What holds at any load: the busy tasks share one CPU, so at every instant all but one of them
+    # wait (more when other work runs there): their waits add up to at least (n - 1) x the window,
+    # less the waits still in flight at its ends (a slice each). The sleeper is one task: its waits
+    # add up to at most the window. Quantiles depend on what else runs on those CPUs (a CI run at
+    # load average 40 saw busy p50 at 0.13 ms: other tasks' wakeups preempted the busy ones for
+    # short turns), so they are printed, not asserted; the histograms are checked against schedstat.
+    busy_s, idle_s = b1["sum"] - b0["sum"], i1["sum"] - i0["sum"]
+    assert busy_s >= 0.8 * (len(cpus) + 1) * (inner1 - inner0), (busy_s, inner1 - inner0)
+    assert idle_s <= outer1 - outer0 and idle_s < busy_s / 2, (idle_s, outer1 - outer0, busy_s)
+    assert_within(i1["sum"] - i0["sum"], (idle2 - idle1) / 1e9, (idle3 - idle0) / 1e9, 0.25, 1e-3)
+    assert_within(b1["sum"] - b0["sum"], (busy2 - busy1) / 1e9, (busy3 - busy0) / 1e9, 0.10, 0.0)
 
     # Workload labels of the contract, names empty until the pod watch knows them.
     labels = next(s.labels for s in after[HIST] if s.labels.get("cgroup") == busy.rel)
@@ -112,29 +153,128 @@ def test_scrape_passes_promtool_lint(agent_process, make_cgroup) -> None:
     cg = make_cgroup("lint")
     agent = agent_process()
     cg.spawn(SLEEPER)
-    time.sleep(0.5)
-    text = agent.metrics_text()
-    assert HIST + "_bucket" in text
+
+    def with_histogram() -> str:
+        text = agent.metrics_text()
+        return text if HIST + "_bucket" in text else ""
+
+    text = wait_until(with_histogram, what="a histogram")
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.bpf
 def test_health_endpoints_and_sigterm_exit_cleanly(agent_process) -> None:
-    agent = agent_process()
+    agent = agent_process("--connect-strategy", "tracepoint+sock_ops")  # one program linked to the cgroup root
     assert http_get(agent.url + "/healthz")[0] == 200
     assert http_get(agent.url + "/readyz")[0] == 200
     assert http_get(agent.url + "/nope")[0] == 404
-    prog_links = [p for p in Path(f"/proc/{agent.proc.pid}/fd").iterdir() if "bpf-prog" in os.readlink(p)]
-    # runqlat: sched_switch; lockstat: contention_begin and _end; connect: inet_sock_set_state
-    assert len(prog_links) == 4
-    agent.proc.send_signal(signal.SIGTERM)
-    assert agent.proc.wait(timeout=15) == 0
+    fds = {p: os.readlink(p) for p in Path(f"/proc/{agent.proc.pid}/fd").iterdir()}
+    # runqlat: sched_switch; lockstat: contention_begin and _end; connect: inet_sock_set_state and
+    # the sock_ops program
+    assert sum(target == "anon_inode:bpf-prog" for target in fds.values()) == 5
+    linked = {bpf_query.prog_id(int(p.name), agent.proc.pid) for p, t in fds.items() if t == "anon_inode:bpf_link"}
     root = os.open(HostPaths().cgroup_v2(), os.O_RDONLY | os.O_DIRECTORY)
-    try:  # the sock_ops link went with the process: nothing left on the cgroup root
-        assert bpfsys.attached_count(root, bpfsys.BPF_CGROUP_SOCK_OPS) == 0
+    try:
+        assert linked & set(bpf_query.attached_ids(root, bpfsys.BPF_CGROUP_SOCK_OPS)), linked
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=15) == 0
+        # its link went with the process: its program is no longer on the cgroup root
+        assert not linked & set(bpf_query.attached_ids(root, bpfsys.BPF_CGROUP_SOCK_OPS))
     finally:
         os.close(root)
+
+
+@pytest.mark.bpf
+def test_loading_leaves_no_compiler_pages_resident(agent_process, tmp_path: Path) -> None:
+    """Once every probe is loaded the agent gives back what compiling left resident (probes/reclaim.py):
+    the code of clang and LLVM (tens of MiB) is no longer in its RSS, before and after scrapes."""
+    agent = agent_process()
+    smaps = Path(f"/proc/{agent.proc.pid}/smaps")
+    deadline = time.monotonic() + 30  # given back right after /readyz turned 200
+    while "memory given back after loading" not in (tmp_path / "agent.log").read_text():
+        assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()
+        time.sleep(0.05)
+
+    def compiler_text_kib() -> int:
+        return sum(m.rss_kib for m in reclaim.compiler_mappings(smaps) if "x" in m.perms)
+
+    assert any("x" in m.perms for m in reclaim.compiler_mappings(smaps))  # BCC's compiler is mapped
+    assert compiler_text_kib() < 1024
+    for _ in range(3):
+        metrics = agent.metrics()
+    assert {s.labels["probe"]: s.value for s in metrics["nodetune_probe_up"]} == {
+        "runqlat": 1.0,
+        "lockstat": 1.0,
+        "connect": 1.0,
+    }
+    assert compiler_text_kib() < 1024
+
+
+HEAP_HOLES = """
+import ctypes
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from probes import reclaim
+
+agent = Agent(AgentConfig(probes=(), cache_dir="/nonexistent"), collectors=False)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(1000) for _ in range(30000)]  # 30 MB of small blocks, as a scrape's strings
+for b in blocks:
+    ctypes.memset(b, 1, 1000)
+before = reclaim.rss_kib()
+for i, b in enumerate(blocks):
+    if i % 30:  # one block in 30 stays (long-lived label sets): the heap cannot shrink from its top
+        libc.free(b)
+freed = reclaim.rss_kib()
+agent.maintain()
+print(before - freed, before - reclaim.rss_kib())
+"""
+
+
+def test_housekeeping_gives_freed_heap_back() -> None:
+    """Agent.maintain() (the timer) returns the free pages between live heap blocks to the kernel."""
+    out = subprocess.run([sys.executable, "-c", HEAP_HOLES], cwd=REPO, capture_output=True, text=True, check=True)
+    given_back_by_free, given_back_by_tick = (int(x) for x in out.stdout.split())
+    assert given_back_by_free < 4096, out.stdout  # free() alone keeps them resident
+    assert given_back_by_tick > 20000, out.stdout  # the tick returns most of the 29 MB freed
+
+
+def inotify_instances() -> int:
+    """inotify instances this process holds (/proc/self/fd links to anon_inode:inotify)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+        except OSError:  # the directory's own fd, closed meanwhile
+            continue
+    return count
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("choice", ["unified", "cpu"])
+def test_users_of_one_cgroup_hierarchy_share_one_watched_index(tmp_path: Path, choice: str) -> None:
+    """The identity service, the netns index and the throttling collector get one index per
+    hierarchy root: one inotify instance for each hierarchy they read, not one per user. On a
+    hybrid host throttling reads the v1 cpu hierarchy, which the identity service charges with
+    ``--cgroup-hierarchy cpu``."""
+    paths = HostPaths()
+    if paths.workload_hierarchy(choice)[1] is None:
+        pytest.skip(f"no {choice} hierarchy")
+    before = inotify_instances()
+    config = AgentConfig(probes=(), cache_dir=tmp_path, cgroup_hierarchy=choice, collectors=("throttling", "listen"))
+    agent = Agent(config)
+    try:
+        throttling, workloads = agent.collectors["throttling"], agent.workloads
+        assert agent.netns is not None and agent.netns.hierarchy is workloads.hierarchy
+        roots = {os.path.realpath(workloads.hierarchy.root), os.path.realpath(throttling.cgroups.root)}
+        assert (throttling.cgroups is workloads.hierarchy) == (len(roots) == 1)
+        assert inotify_instances() - before == len(roots)
+    finally:
+        agent.close()
+    assert inotify_instances() == before
 
 
 class BrokenProbe(Probe):
@@ -233,10 +373,10 @@ def test_scrapes_have_no_side_effects(agent_process, make_cgroup) -> None:
     cg = make_cgroup("twice")
     agent = agent_process()
     cg.spawn(SLEEPER)
-    time.sleep(1)
-    cg.stop()
-    time.sleep(0.2)  # nothing runs in the cgroup any more: its histogram is frozen
+    wait_until(lambda: series(agent.metrics(), cg.rel), what="the cgroup's series")
+    cg.stop()  # its task reaped: nothing runs in the cgroup any more, its histogram is frozen
     first = series(agent.metrics(), cg.rel)
+    assert first["count"] > 0
     for _ in range(5):
         req = urllib.request.Request(agent.url + "/metrics", method="HEAD")
         with urllib.request.urlopen(req, timeout=10) as r:
@@ -286,11 +426,17 @@ def test_api_server_down_changes_nothing_else(agent_process, tmp_path: Path) -> 
     with FakeAPIServer() as dead:  # bound, never served, closed: its port refuses
         kubeconfig = dead.kubeconfig(tmp_path)
     agent = agent_process("--kubeconfig", str(kubeconfig), "--node-name", "n1")
-    time.sleep(8)  # past the start-up jitter: a few failed attempts
+    started = time.monotonic()
+
+    def refused() -> float:
+        errors = agent.metrics().get("nodetune_kube_watch_errors", [])
+        return sum(s.value for s in errors if s.labels["code"] == "refused")
+
+    wait_until(refused, what="a refused attempt")  # past the start-up jitter
+    wait_until(lambda: time.monotonic() - started >= 8, what="8 s")  # a few more attempts, backing off
     assert http_get(agent.url + "/healthz")[0] == 200
     m = agent.metrics()
-    refused = [s.value for s in m["nodetune_kube_watch_errors"] if s.labels["code"] == "refused"]
-    assert refused and 1 <= refused[0] <= 20  # two reflectors backing off (a spinning client: thousands)
+    assert 1 <= refused() <= 20  # two reflectors backing off (a spinning client: thousands)
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
     assert success == {**UNITS_UP, "kube": 1.0}
     assert HIST in m
@@ -368,3 +514,38 @@ def test_bpf_stats_show_what_each_probe_program_costs_and_stop_with_the_agent(
         assert bpfsys.prog_stats(fd).run_cnt == 1
     finally:
         bpf.cleanup()
+
+
+class _Prefetching:
+    """A probe's prefetch side only: records its turn, or fails as told."""
+
+    def __init__(self, name: str, order: list[str], fail: type[BaseException] | None = None) -> None:
+        self.name, self.order, self.fail = name, order, fail
+
+    def prefetch(self) -> None:
+        self.order.append(self.name)
+        if self.fail is not None:
+            raise self.fail("prefetch failed")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # SystemExit ends the helper
+def test_prefetch_in_order_sets_every_event_whatever_happens() -> None:
+    """Prefetches run in load order on a helper; every probe's event is set even when one raises
+    (an Exception, or a BaseException the probe's own prefetch would not catch) or the agent is
+    stopping: a load never waits for a prefetch that will not come."""
+    order: list[str] = []
+    probes = [_Prefetching("a", order), _Prefetching("b", order, RuntimeError), _Prefetching("c", order)]
+    events = prefetch_in_order(probes, threading.Event())  # type: ignore[arg-type]
+    assert all(e.wait(30) for e in events) and order == ["a", "b", "c"]
+    order.clear()
+    probes = [_Prefetching("a", order, SystemExit), _Prefetching("b", order)]
+    events = prefetch_in_order(probes, threading.Event())  # type: ignore[arg-type]
+    assert all(e.wait(30) for e in events) and order == ["a"]
+    # the helper ends with the SystemExit: reported while this test's filter still applies
+    wait_until(lambda: not any(t.name == "probe-prefetch" for t in threading.enumerate()), what="helper ended")
+    order.clear()
+    stopped = threading.Event()
+    stopped.set()
+    events = prefetch_in_order([_Prefetching("a", order)], stopped)  # type: ignore[list-item]
+    assert all(e.wait(30) for e in events) and order == []
+    assert prefetch_in_order([], threading.Event()) == []

@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from agent.exporter import Exporter, MetricsServer, _Handler
+from agent.exporter import Exporter, MetricsServer
+from agent.httpserver import Limits
 from tests.conftest import http_get, parse_metrics
 
 
@@ -115,8 +116,8 @@ def test_duplicate_registration_is_an_error() -> None:
 def server():
     servers: list[MetricsServer] = []
 
-    def start(exporter: Exporter, healthy=lambda: True, ready=lambda: True, limit: int = 4) -> str:
-        srv = MetricsServer(("127.0.0.1", 0), exporter, healthy, ready, max_concurrent_scrapes=limit)
+    def start(exporter: Exporter, healthy=lambda: True, ready=lambda: True, limit: int = 4, limits=None) -> str:
+        srv = MetricsServer(("127.0.0.1", 0), exporter, healthy, ready, max_concurrent_scrapes=limit, limits=limits)
         srv.start()
         servers.append(srv)
         return f"http://127.0.0.1:{srv.server_address[1]}"
@@ -177,11 +178,10 @@ def test_accept_encoding_q_values(server, header: str, gzipped: bool) -> None:
         assert r.headers["Vary"] == "Accept-Encoding"
 
 
-def test_idle_connections_are_closed_and_do_not_block_scrapes(server, monkeypatch) -> None:
-    monkeypatch.setattr(_Handler, "timeout", 1.0)
+def test_idle_connections_are_closed_and_do_not_block_scrapes(server) -> None:
     exporter = Exporter()
     exporter.register("good", Good())
-    url = server(exporter)
+    url = server(exporter, limits=Limits(read_timeout_s=1.0, idle_timeout_s=1.0))
     host, port = url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(200)]
     try:

@@ -10,18 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from host.paths import HostPaths
+from metrics.histogram import NSLOTS
 from probes import bpfsys
-from probes.base import KernelFacts
+from probes.base import KernelFacts, ProbeUnavailable
 from probes.btf import BTFError, Member
-from probes.connect import FAILURES_WORD, FEXIT, HIST, KPROBE, STATE, STATE_SOCKOPS, ConnectProbe
-from probes.histogram import NSLOTS
+from probes.connect import FAILURES_WORD, FEXIT, HIST, KPROBE, TRACEPOINT, TRACEPOINT_SOCKOPS, ConnectProbe
+from tests import bpf_query
 from tests.netns import Netns
 from tests.probes.test_runqlat import IdLabeler
 
 # Hooked strategies (fentry/fexit, kprobes): the development kernel refuses them, so their tests
 # run in the stock-kernel guest (marker "tracing", tests/test_kernel_vm.py).
 TRACED = [pytest.param(FEXIT, marks=pytest.mark.tracing), pytest.param(KPROBE, marks=pytest.mark.tracing)]
-EVERY = [STATE, STATE_SOCKOPS, *TRACED]
+EVERY = [TRACEPOINT, TRACEPOINT_SOCKOPS, *TRACED]
 
 
 class FakeBTF:
@@ -49,16 +51,18 @@ class FakeBTF:
 
 
 def fake_probe(tmp_path: Path, cgroup2: Path | None, btf: FakeBTF | None, kprobes: bool = False) -> ConnectProbe:
-    sys_root = tmp_path / ("sys-kprobes" if kprobes else "sys")
-    (sys_root / "bus/event_source/devices").mkdir(parents=True, exist_ok=True)
+    host = HostPaths(tmp_path / ("host-kprobes" if kprobes else "host"))
+    (host.sys / "bus/event_source/devices").mkdir(parents=True, exist_ok=True)
     if kprobes:
-        (sys_root / "bus/event_source/devices/kprobe").mkdir(exist_ok=True)
-    k = KernelFacts(release="6.18.0-test", cache_dir=tmp_path, cgroup2_root=cgroup2, sys_root=sys_root)
+        (host.sys / "bus/event_source/devices/kprobe").mkdir(exist_ok=True)
+    k = KernelFacts(release="6.18.0-test", host=host, cache_dir=tmp_path, cgroup2_root=cgroup2)
     k.__dict__["btf"] = btf
     return ConnectProbe(k, IdLabeler(), search_slots=256)
 
 
-@pytest.mark.parametrize("strategy, macro", [(STATE, "-DSTRATEGY_STATE"), (STATE_SOCKOPS, "-DSTRATEGY_STATE_SOCKOPS")])
+@pytest.mark.parametrize(
+    "strategy, macro", [(TRACEPOINT, "-DSTRATEGY_TRACEPOINT"), (TRACEPOINT_SOCKOPS, "-DSTRATEGY_TRACEPOINT_SOCKOPS")]
+)
 def test_render_uses_btf_offsets_and_a_bounded_slot_array(tmp_path: Path, strategy: str, macro: str) -> None:
     text, cflags = fake_probe(tmp_path, tmp_path, FakeBTF()).render(strategy)
     assert "RAW_TRACEPOINT_PROBE(inet_sock_set_state)" in text and "int connect_sockops(" in text
@@ -105,11 +109,11 @@ def test_hooked_strategies_unsupported_without_the_function_or_kprobes(tmp_path:
 
 
 def test_unavailable_without_readable_sock_layout_and_sock_ops_without_cgroup2(tmp_path: Path) -> None:
-    assert fake_probe(tmp_path, None, FakeBTF()).unsupported(STATE) is None  # one tracepoint, no cgroup
-    assert "cgroup v2" in fake_probe(tmp_path, None, FakeBTF()).unsupported(STATE_SOCKOPS)
-    bad = fake_probe(tmp_path, tmp_path, FakeBTF(protocol_size=1)).unsupported(STATE)
+    assert fake_probe(tmp_path, None, FakeBTF()).unsupported(TRACEPOINT) is None  # one tracepoint, no cgroup
+    assert "cgroup v2" in fake_probe(tmp_path, None, FakeBTF()).unsupported(TRACEPOINT_SOCKOPS)
+    bad = fake_probe(tmp_path, tmp_path, FakeBTF(protocol_size=1)).unsupported(TRACEPOINT)
     assert "unexpected size of sock.sk_protocol: 1 B" in bad
-    assert "no kernel BTF" in fake_probe(tmp_path, tmp_path, None).unsupported(STATE)
+    assert "no kernel BTF" in fake_probe(tmp_path, tmp_path, None).unsupported(TRACEPOINT)
 
 
 def test_settings_are_validated(tmp_path: Path) -> None:
@@ -130,7 +134,7 @@ def median_slot(slots: list[int]) -> int:
     raise ValueError("an empty histogram has no median")
 
 
-def loaded(cache: Path, cgroup2: Path, strategy: str = STATE) -> ConnectProbe:
+def loaded(cache: Path, cgroup2: Path, strategy: str = TRACEPOINT) -> ConnectProbe:
     probe = ConnectProbe(KernelFacts(cache_dir=cache, cgroup2_root=cgroup2), IdLabeler(), only_strategies=[strategy])
     probe.load()
     assert probe.attach == strategy
@@ -236,7 +240,7 @@ def test_bound_port_with_its_four_tuple_taken_is_a_failure(
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("strategy", [STATE, *TRACED])
+@pytest.mark.parametrize("strategy", [TRACEPOINT, *TRACED])
 def test_crowded_range_searches_slower_and_others_are_not_charged(
     header_cache: Path, cgroup_v2_root: Path, make_cgroup, netns, strategy: str
 ) -> None:
@@ -282,9 +286,9 @@ def test_syn_departure_agrees_with_the_connect_callback(
     (960 of 1024 ports in use)."""
     fill, empty, crowded = make_cgroup("fill"), make_cgroup("empty"), make_cgroup("crowded")
     ns_crowded, ns_empty = netns("40000 41023"), netns("40000 41023")
-    state = loaded(header_cache, cgroup_v2_root, STATE)
+    state = loaded(header_cache, cgroup_v2_root, TRACEPOINT)
     try:
-        sockops = loaded(header_cache, cgroup_v2_root, STATE_SOCKOPS)
+        sockops = loaded(header_cache, cgroup_v2_root, TRACEPOINT_SOCKOPS)
         try:
             _, out = ns_crowded.hold(960, "127.0.0.1:30000", cgroup=str(fill.path))
             assert out == "ok 960", out  # 64 ports left: each connect below leaves one in TIME_WAIT
@@ -297,38 +301,40 @@ def test_syn_departure_agrees_with_the_connect_callback(
         state.close()
     assert out_c == out_e == "ok 0 ok=50", (out_c, out_e)
     for case in ("e", "c"):
-        by_syn, by_callback = rows[(STATE, case)], rows[(STATE_SOCKOPS, case)]
+        by_syn, by_callback = rows[(TRACEPOINT, case)], rows[(TRACEPOINT_SOCKOPS, case)]
         assert sum(by_syn[:NSLOTS]) == sum(by_callback[:NSLOTS]) == 50
         mean_syn, mean_callback = by_syn[NSLOTS] / 50, by_callback[NSLOTS] / 50
         print(f"{case}: SYN departure {mean_syn / 1e3:.2f} us, connect callback {mean_callback / 1e3:.2f} us")
         assert mean_syn > mean_callback
-    gap = rows[(STATE, "e")][NSLOTS] / 50 - rows[(STATE_SOCKOPS, "e")][NSLOTS] / 50
-    crowded_search = rows[(STATE_SOCKOPS, "c")][NSLOTS] / 50
+    gap = rows[(TRACEPOINT, "e")][NSLOTS] / 50 - rows[(TRACEPOINT_SOCKOPS, "e")][NSLOTS] / 50
+    crowded_search = rows[(TRACEPOINT_SOCKOPS, "c")][NSLOTS] / 50
     assert gap < 0.25 * crowded_search  # what the SYN adds is small next to a crowded search
+
+
+def sock_ops_ids(cgroup_v2_root: Path) -> list[int]:
+    """Programs on the cgroup root's sock_ops hook (other users of the node's root may be there)."""
+    fd = os.open(cgroup_v2_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return bpf_query.attached_ids(fd, bpfsys.BPF_CGROUP_SOCK_OPS)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.bpf
 def test_close_detaches_the_sock_ops_link(header_cache: Path, cgroup_v2_root: Path) -> None:
     """The program is linked to the cgroup root next to whatever else is there, and gone on close."""
-
-    def attached() -> int:
-        fd = os.open(cgroup_v2_root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS)
-        finally:
-            os.close(fd)
-
-    baseline = attached()
-    probe = loaded(header_cache, cgroup_v2_root, STATE_SOCKOPS)
+    probe = loaded(header_cache, cgroup_v2_root, TRACEPOINT_SOCKOPS)
     try:
-        assert attached() == baseline + 1
-        second = loaded(header_cache, cgroup_v2_root, STATE_SOCKOPS)  # another user of the hook (BPF_F_ALLOW_MULTI)
-        assert attached() == baseline + 2
+        ours = bpf_query.prog_id(probe._link_fd)
+        assert ours in sock_ops_ids(cgroup_v2_root)
+        second = loaded(header_cache, cgroup_v2_root, TRACEPOINT_SOCKOPS)  # another user (BPF_F_ALLOW_MULTI)
+        theirs = bpf_query.prog_id(second._link_fd)
+        assert theirs != ours and {ours, theirs} <= set(sock_ops_ids(cgroup_v2_root))
         second.close()
-        assert attached() == baseline + 1
+        assert theirs not in sock_ops_ids(cgroup_v2_root) and ours in sock_ops_ids(cgroup_v2_root)
     finally:
         probe.close()
-    assert attached() == baseline
+    assert ours not in sock_ops_ids(cgroup_v2_root)
 
 
 @pytest.mark.bpf
@@ -340,24 +346,21 @@ def test_paused_probe_counts_nothing_until_resumed(
     maps; resume() attaches both again."""
     cg = make_cgroup("paused")
     ns = netns("40000 40099")
-    fd = os.open(cgroup_v2_root, os.O_RDONLY | os.O_DIRECTORY)
+    probe = loaded(header_cache, cgroup_v2_root, strategy)
     try:
-        baseline = bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS)
-        linked = baseline + (strategy == STATE_SOCKOPS)
-        probe = loaded(header_cache, cgroup_v2_root, strategy)
-        try:
-            probe.pause()
-            assert bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS) == baseline
-            _, out = ns.hold(0, "127.0.0.1:30000", extra=5, cgroup=str(cg.path))
-            paused = sum(row(probe, cg.id)[:NSLOTS])
-            probe.resume()
-            assert bpfsys.attached_count(fd, bpfsys.BPF_CGROUP_SOCK_OPS) == linked
-            _, out_again = ns.hold(0, "127.0.0.1:30001", extra=5, cgroup=str(cg.path))
-            resumed = sum(row(probe, cg.id)[:NSLOTS])
-        finally:
-            probe.close()
+        linked = strategy == TRACEPOINT_SOCKOPS
+        ours = bpf_query.prog_id(probe._link_fd) if linked else None
+        assert (ours in sock_ops_ids(cgroup_v2_root)) == linked
+        probe.pause()
+        assert ours is None or ours not in sock_ops_ids(cgroup_v2_root)
+        _, out = ns.hold(0, "127.0.0.1:30000", extra=5, cgroup=str(cg.path))
+        paused = sum(row(probe, cg.id)[:NSLOTS])
+        probe.resume()
+        assert ours is None or ours in sock_ops_ids(cgroup_v2_root)
+        _, out_again = ns.hold(0, "127.0.0.1:30001", extra=5, cgroup=str(cg.path))
+        resumed = sum(row(probe, cg.id)[:NSLOTS])
     finally:
-        os.close(fd)
+        probe.close()
     assert out == out_again == "ok 0 ok=5", (out, out_again)
     assert (paused, resumed) == (0, 5)
 
@@ -376,6 +379,28 @@ def test_auto_takes_the_first_strategy_the_kernel_accepts(header_cache: Path, cg
         print(probe.attach, probe.skipped)
     finally:
         probe.close()
+
+
+@pytest.mark.bpf
+def test_the_fexit_stub_tells_what_compiling_the_probe_would(header_cache: Path, cgroup_v2_root: Path) -> None:
+    """ConnectProbe.refused(FEXIT) loads a two-instruction fexit program instead of compiling the
+    probe (start-up time): its verdict is the compiled probe's, on this kernel (both refused with
+    EPERM) and in the stock-kernel guest (both loaded)."""
+    kernel = KernelFacts(cache_dir=header_cache, cgroup2_root=cgroup_v2_root)
+
+    class Compiled(ConnectProbe):
+        def refused(self, strategy: str) -> str | None:
+            return None
+
+    compiled = Compiled(kernel, IdLabeler(), only_strategies=[FEXIT])
+    try:
+        compiled.load()
+    except ProbeUnavailable:
+        pass
+    finally:
+        compiled.close()
+    stub = ConnectProbe(kernel, IdLabeler()).refused(FEXIT)
+    assert (stub is None) == (FEXIT not in compiled.skipped), (stub, compiled.skipped)
 
 
 @pytest.mark.bpf
@@ -401,7 +426,7 @@ def test_hooked_searches_agree_and_bound_what_the_tracepoint_adds(
     after the search, so its figure is never below fexit's; what it adds is printed."""
     fill, empty, crowded = make_cgroup("fill"), make_cgroup("empty"), make_cgroup("crowded")
     ns_crowded, ns_empty = netns("40000 41023"), netns("40000 41023")
-    probes = [loaded(header_cache, cgroup_v2_root, s) for s in (FEXIT, KPROBE, STATE)]
+    probes = [loaded(header_cache, cgroup_v2_root, s) for s in (FEXIT, KPROBE, TRACEPOINT)]
     try:
         _, out = ns_crowded.hold(960, "127.0.0.1:30000", cgroup=str(fill.path))
         assert out == "ok 960", out
@@ -414,8 +439,8 @@ def test_hooked_searches_agree_and_bound_what_the_tracepoint_adds(
     assert out_c == out_e == "ok 0 ok=50", (out_c, out_e)
     mean = {key: r[NSLOTS] / 50 for key, r in rows.items()}
     for case in ("e", "c"):
-        assert [sum(rows[(s, case)][:NSLOTS]) for s in (FEXIT, KPROBE, STATE)] == [50, 50, 50]
-        print(f"{case}: " + ", ".join(f"{s} {mean[(s, case)] / 1e3:.1f} us" for s in (FEXIT, KPROBE, STATE)))
-        assert mean[(STATE, case)] > mean[(FEXIT, case)]
+        assert [sum(rows[(s, case)][:NSLOTS]) for s in (FEXIT, KPROBE, TRACEPOINT)] == [50, 50, 50]
+        print(f"{case}: " + ", ".join(f"{s} {mean[(s, case)] / 1e3:.1f} us" for s in (FEXIT, KPROBE, TRACEPOINT)))
+        assert mean[(TRACEPOINT, case)] > mean[(FEXIT, case)]
     assert abs(mean[(KPROBE, "c")] / mean[(FEXIT, "c")] - 1) < 0.25
     assert mean[(FEXIT, "c")] > 3 * mean[(FEXIT, "e")]

@@ -10,20 +10,23 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from bench.lock_connect_overhead import build_storm
 from bench.lockstat_accuracy import CLASSES, TappedLockstat, tapped_window
+from host.paths import HostPaths
+from metrics.histogram import NSLOTS, slot_of
 from probes import bpfsys
 from probes.base import KernelFacts
 from probes.btf import BTFError, Member
-from probes.histogram import NSLOTS, slot_of
+from probes.headers import HeadersNotFound
 from probes.kallsyms import KernelSymbols
 from probes.lockstat import LOCK_TYPES, LockstatProbe
 from probes.settings import SettingError
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.probes.test_runqlat import IdLabeler
 
 KALLSYMS = """\
@@ -60,11 +63,13 @@ class FakeBTF:
 def fake_probe(
     tmp_path: Path, tracepoint: bool = True, kallsyms: str = KALLSYMS, switch_counts: bool = True, **kw: int
 ) -> LockstatProbe:
-    (tmp_path / "kallsyms").write_text(kallsyms)
-    k = KernelFacts(release="6.18.0-test", proc_root=tmp_path, cache_dir=tmp_path)
+    host = HostPaths(tmp_path)
+    host.proc.mkdir(exist_ok=True)
+    (host.proc / "kallsyms").write_text(kallsyms)
+    k = KernelFacts(release="6.18.0-test", host=host, cache_dir=tmp_path)
     k.__dict__["btf"] = FakeBTF(tracepoint, switch_counts)
     k.__dict__["task_btf"] = True
-    return LockstatProbe(k, IdLabeler(), symbols=KernelSymbols(tmp_path / "kallsyms"), **kw)
+    return LockstatProbe(k, IdLabeler(), symbols=KernelSymbols(host.proc / "kallsyms"), **kw)
 
 
 def test_render_passes_lock_types_and_the_locking_code_bounds(tmp_path: Path) -> None:
@@ -102,15 +107,38 @@ def test_unavailable_without_the_tracepoints_symbol_addresses_or_switch_counts(t
     assert fake_probe(tmp_path).unsupported("raw_tracepoint") is None
 
 
-def test_kallsyms_names_return_addresses_by_the_byte_before_them(tmp_path: Path) -> None:
-    (tmp_path / "k").write_text(KALLSYMS)
-    syms = KernelSymbols(tmp_path / "k")
-    assert syms.caller(0xFFFFFFFF81000150) == "helper_a"
-    assert syms.caller(0xFFFFFFFF81000200) == "helper_a"  # a call as helper_a's last instruction
-    assert syms.caller(0xFFFFFFFF81000201) == "caller_b"
-    assert syms.caller(0xFFFFFFFF80000000) is None
-    assert syms.address("__lock_text_end") == 0xFFFFFFFF8226FFB1
-    assert syms.function(0xFFFFFFFF83000010) == "__lock_text_end"  # data symbols are not text
+def test_prefetch_reads_kallsyms_ahead_and_never_raises(tmp_path: Path) -> None:
+    """``prefetch()`` (run by the daemon on a helper thread while another probe compiles) leaves
+    /proc/kallsyms parsed for ``load()``; before the kernel's headers are known, or without any,
+    it does nothing (it never looks for headers itself); a check that raises is left for
+    ``load()`` to meet and report."""
+
+    def probe_in(name: str, headers: object | None) -> LockstatProbe:
+        host = HostPaths(tmp_path / name)
+        host.proc.mkdir(parents=True)
+        (host.proc / "kallsyms").write_text(KALLSYMS)
+        kernel = KernelFacts(release="6.18.0-test", host=host, cache_dir=tmp_path / name)
+        kernel.__dict__.update(btf=FakeBTF(), task_btf=True)
+        if headers is not None:
+            kernel.__dict__["headers"] = headers
+        return LockstatProbe(kernel, IdLabeler())  # no symbols given: read from kallsyms when asked
+
+    probe = probe_in("ready", object())  # any headers but HeadersNotFound
+    assert "symbols" not in probe.__dict__
+    probe.prefetch()
+    assert "symbols" in probe.__dict__ and probe.symbols.address("_raw_spin_lock") == 0xFFFFFFFF8226EC50
+    for name, headers in (("none", HeadersNotFound("no headers in this test")), ("unknown", None)):
+        waiting = probe_in(name, headers)
+        waiting.prefetch()
+        assert "symbols" not in waiting.__dict__
+        assert headers is not None or "headers" not in waiting.kernel.__dict__  # not looked for here
+    broken = probe_in("broken", object())
+
+    def fails(strategy: str) -> str | None:
+        raise RuntimeError("a check that fails")
+
+    broken.unsupported = fails  # type: ignore[method-assign]
+    broken.prefetch()  # logged at debug, not raised
 
 
 # --- on the real kernel --------------------------------------------------------------------------
@@ -183,54 +211,104 @@ def perf_leaves_tracefs_as_found():
         subprocess.run(["umount", "/sys/kernel/tracing"], check=True)
 
 
+def counts_at_once(probe: LockstatProbe) -> tuple[tuple[dict, dict], dict[str, int]]:
+    """``caller_totals()`` and ``pending()`` as of one moment. A CPU that walks a contention
+    between the two reads moves its pool into a caller row, where neither read sees it: so the
+    pools are read before and after the rows, again until both reads agree (a few tries)."""
+    pools = probe.pending()
+    for _ in range(20):
+        totals = probe.caller_totals()
+        again = probe.pending()
+        if again == pools:
+            break
+        pools = again
+    return totals, again
+
+
+def spin_begins(data: Path, since: float, until: float) -> int:
+    """Spinlock contentions perf recorded between two CLOCK_MONOTONIC times (the recording made
+    with ``-k CLOCK_MONOTONIC``): its ``lock:contention_begin`` events with flags ``SPIN`` alone,
+    each of which is one contention (a spinning waiter announces its wait once). Raw events, not
+    perf's pairing of begins with ends."""
+    out = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "time,event,trace"], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(
+        1
+        for line in out.splitlines()
+        if "contention_begin" in line
+        and line.rstrip().endswith("(flags=SPIN)")
+        and since <= float(line.split(":", 1)[0]) <= until
+    )
+
+
 @pytest.mark.bpf
 @pytest.mark.usefixtures("perf_leaves_tracefs_as_found")
 def test_agrees_with_perf_lock_contention_on_a_pipe_workload(header_cache: Path, make_cgroup, tmp_path: Path) -> None:
     """Six processes writing into one pipe on 2 CPUs (tests/contention.py): pipe->mutex (sleeping,
-    woken on any CPU) and wait-queue spinlocks. Over the same window, our per-type counts agree with
-    perf's within 20 %, the top caller by total wait is the same, and the wait is charged to the
-    workload's cgroup."""
+    woken on any CPU) and wait-queue spinlocks. Over the same window our per-type counts agree with
+    perf's, the top caller by total wait is the same, and the wait is charged to the workload's
+    cgroup.
+
+    A type's count is its caller rows plus what still waits in the CPUs' pools (``pending()``):
+    without the pools the spinlock count read 1,567 against perf's 1,993 in CI (unwalked spinlocks
+    stay pooled while the mutex storm raises the walk shift).
+    - mutex: within 2 % of ``perf lock contention``. Equal in 40 of 41 runs on a quiet machine;
+      1.5 % short once, with a 500-pod scrape benchmark running alongside.
+    - spinlock: between perf's raw ``SPIN`` begins inside our window (from the end of the first
+      read to the start of the second) and around it (start of the first to end of the second),
+      5 % either side: raw events, not perf's pairing of begins with ends. In 100 runs the probe
+      read 0 to 2.1 % more than perf's begins, and twice 10 and 20 % more (README, Lock
+      contention: an open discrepancy)."""
     cg = make_cgroup("locks")
     probe = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler())
     probe.load()
     data = tmp_path / "perf.data"
     perf = subprocess.Popen(
-        ["perf", "lock", "record", "-a", "-o", str(data), "--", "sleep", "120"],
+        ["perf", "lock", "record", "-a", "-k", "CLOCK_MONOTONIC", "-o", str(data), "--", "sleep", "120"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not (data.exists() and data.stat().st_size > 0) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)  # perf's events are enabled once its header is written
-        before, before_unknown = probe.caller_totals()
+        # perf enables its events before it starts its workload ("sleep", exec'd in its child): once
+        # that runs, perf records (tools/perf/builtin-record.c, __cmd_record()).
+        wait_until(lambda: "sleep" in children_comms(perf.pid), what="perf's workload started")
+        misses = recursion_misses(probe)
+        t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
+        (before, before_unknown), pending_before = counts_at_once(probe)
+        t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
         hist_before = probe.histograms()
         wl_before = probe.series("workload_lock_wait_seconds").get((str(cg.id),), [0] * len(LOCK_TYPES))
         worker = cg.spawn([sys.executable, "-m", "tests.contention", "3", "6"])
         assert worker.wait(timeout=60) == 0
-        after, after_unknown = probe.caller_totals()
+        t2 = time.clock_gettime(time.CLOCK_MONOTONIC)
+        (after, after_unknown), pending_after = counts_at_once(probe)
+        t3 = time.clock_gettime(time.CLOCK_MONOTONIC)
         hist_after = probe.histograms()
         wl_after = probe.series("workload_lock_wait_seconds")[(str(cg.id),)]
         stats = probe.read_stats()
+        misses = recursion_misses(probe) - misses
     finally:
         perf.send_signal(signal.SIGINT)
         perf.wait(timeout=60)
         probe.close()
     ours = window(probe, (before, before_unknown), (after, after_unknown))
     theirs = perf_contention(data)
-    # Per type: the counts, exact at any rate (the timing budget samples waits, not contentions);
-    # per caller: the caller rows (sampled above --lockstat-stack-walks).
-    ours_t = type_counts(ours)
+    by_caller = type_counts(ours)
+    ours_t = {t: n for t in LOCK_TYPES if (n := by_caller.get(t, 0) + pending_after[t] - pending_before[t])}
     theirs_t = type_counts(theirs)
-    print(f"per type: nodetune {ours_t} perf {theirs_t}")
+    inner, outer = spin_begins(data, t1, t2), spin_begins(data, t0, t3)
+    print(f"per type: nodetune {ours_t} (by caller {by_caller}) perf {theirs_t}; perf's SPIN begins {inner}..{outer}")
+    for key in sorted({k for k in (*ours, *theirs) if k[0] == "spinlock"}):
+        print(f"  {key}: nodetune {ours.get(key, (0, 0))[0]} perf {theirs.get(key, (0, 0))[0]}")
+    print(f"stats: {stats}; runs skipped by the kernel's recursion guard: {misses}")
     top_ours = max(ours, key=lambda k: ours[k][1])
     top_theirs = max(theirs, key=lambda k: theirs[k][1])
     print(f"top caller by wait: nodetune {top_ours} {ours[top_ours]}, perf {top_theirs} {theirs[top_theirs]}")
     assert ours_t.get("mutex", 0) > 1000, "the pipe workload made no mutex contention"
     assert ours_t.get("spinlock", 0) > 50
-    for lock_type in ("mutex", "spinlock"):
-        assert abs(ours_t[lock_type] - theirs_t.get(lock_type, 0)) <= 0.2 * theirs_t.get(lock_type, 0), lock_type
+    assert abs(ours_t["mutex"] - theirs_t.get("mutex", 0)) <= 0.02 * theirs_t.get("mutex", 0)
+    assert 0.95 * inner <= ours_t["spinlock"] <= 1.05 * outer
     assert top_ours == top_theirs
     assert top_ours[0] == "mutex" and top_ours[1].startswith("anon_pipe_")  # fs/pipe.c: pipe->mutex
     # The sleeping waits are charged to the writers' workload: most of the mutex wait in the window.
@@ -259,10 +337,12 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
     vCPU hold a fifth of the wait): timed at 1 in 32 they gave 0.70 to 2.2 times the exact total
     over 2 s; timed all, 0.96 to 1.11 on a quiet machine, and now and then 1.25 on a busy one
     (waits of a fraction of a tick are still drawn). So the total is judged by the median of
-    three 2 s windows (README, Timing budget)."""
+    three windows (README, Timing budget), each run until it holds 100,000 mutex waits and three
+    across a tick (2 s on a quiet machine)."""
     exact = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=0)
     sampled = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=10_000)
     probes = (exact, sampled)
+    long = first_slot_over(tick_ns())
     snapshots = []
     exact.load()  # first: the order matters to a few per cent (README, How close the estimates are)
     try:
@@ -272,7 +352,17 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
                 before = [(p.caller_totals(), p.histograms(), p.untimed(), p.pending()) for p in probes]
                 tick_timed = sampled.read_stats()["tick_timed"]
                 misses = sum(recursion_misses(p) for p in probes)
-                subprocess.run([sys.executable, "-m", "tests.contention", "2", "6"], cwd=REPO, check=True)
+                # The workload's contention rate depends on what else the CPUs run (31,260 mutex
+                # waits in 2 s once, under load, against 500,000 a second on a quiet machine): it
+                # runs until the window holds enough to sample, and waits across a tick.
+                deadline = time.monotonic() + 60
+                while True:
+                    subprocess.run([sys.executable, "-m", "tests.contention", "1", "6"], cwd=REPO, check=True)
+                    hist = exact.histograms()
+                    mutex_n = sum(hist["mutex"][0]) - sum(before[0][1]["mutex"][0])
+                    over = sum(hist[t][0][s] - before[0][1][t][0][s] for t in LOCK_TYPES for s in range(long, NSLOTS))
+                    if (mutex_n > 100_000 and over >= 3) or time.monotonic() > deadline:
+                        break
                 # The workload's exit contends on spinlocks (wakeups, mm teardown) for a while
                 # after: settled first, or one probe's read counts some the other's did not.
                 time.sleep(0.5)
@@ -283,7 +373,6 @@ def test_waits_over_the_timing_budget_are_sampled_and_weighted(header_cache: Pat
             sampled.close()
     finally:
         exact.close()
-    long = first_slot_over(tick_ns())
     ratios = []
     for before, after, tick_timed, misses in snapshots:
         # Every contention counted: by caller, or still in a CPU's pool for its next walked one.
@@ -373,21 +462,41 @@ def first_slot_over(ns: int) -> int:
     return min(slot_of(ns) + 1, NSLOTS - 1)  # slot s holds (2^(s-1), 2^s] us
 
 
-def sleeper_owners(probe: LockstatProbe) -> int:
-    """Sleeper slots held at this instant."""
-    return sum(1 for slot in probe.table("lockstat_sleepers").values() if slot.owner)
+def children_comms(pid: int) -> list[str]:
+    """The command names of the children of process ``pid`` (/proc/<pid>/task/<pid>/children)."""
+    comms = []
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return comms
+    for child in children:
+        try:
+            comms.append(Path(f"/proc/{child}/comm").read_text().strip())
+        except OSError:
+            continue
+    return comms
+
+
+def sleeper_locks(probe: LockstatProbe) -> Counter[int]:
+    """Sleeper slots held at this instant, by the lock their task waits for. The slots serve every
+    task of the machine: others than the test's may hold a few at any instant."""
+    return Counter(slot.w.lock for slot in probe.table("lockstat_sleepers").values() if slot.owner)
 
 
 @pytest.mark.bpf
 def test_sleepers_beyond_their_slots_are_lost_counted_and_the_slots_come_back(header_cache: Path) -> None:
-    """200 tasks asleep at once on one pipe's mutex (tests/contention.py: its writer holds the
-    mutex, stalled on a userfaultfd page) against 64 sleeper slots: every slot is held, at least
-    the 136 that found none are counted in sleeper_slots_full, and the 64 timed waits each last
-    the whole stall (over 0.5 s). Released, every slot is free again: none leaks."""
+    """400 tasks asleep at once on one pipe's mutex (tests/contention.py: its writer holds the
+    mutex, stalled on a userfaultfd page) against 64 sleeper slots: every slot is held, nearly all
+    by them, each of theirs that found none is counted in sleeper_slots_full, and their timed waits
+    each last the whole stall (over 0.5 s). Released, every slot they held is free again.
+
+    A task may claim only the 4 slots from its hashed home (SLEEPER_PROBES): with 200 tasks, 1
+    run in 200 left a slot nobody could claim (simulated); with 400, none in 100,000. The slots
+    serve the whole machine: the test's are told apart by their lock (the stall's, held by most)."""
     probe = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), sleeper_slots=64)
     probe.load()
     stall = subprocess.Popen(
-        [sys.executable, "-m", "tests.contention", "stall", "200"],
+        [sys.executable, "-m", "tests.contention", "stall", "400"],
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -395,28 +504,36 @@ def test_sleepers_beyond_their_slots_are_lost_counted_and_the_slots_come_back(he
     )
     try:
         before = (probe.read_stats(), probe.histograms()["mutex"][0])
-        stalled = stall.stdout.readline().strip()
-        time.sleep(0.6)
-        held, mid = sleeper_owners(probe), probe.read_stats()
+        stalled = stall.stdout.readline().strip()  # every waiter asleep (D): past its contention_begin
+        since = time.monotonic()
+        held = sleeper_locks(probe)
+        # The stall lasts over 0.5 s (the waits' length is asserted); the slots are read until then.
+        while (held.total() < 64 or time.monotonic() - since < 0.6) and time.monotonic() < since + 30:
+            time.sleep(0.05)
+            held = sleeper_locks(probe)
+        mid = probe.read_stats()
         stall.stdin.write("\n")
         stall.stdin.flush()
         released = stall.stdout.readline().strip()
-        stall.wait(30)
-        time.sleep(0.2)
-        after = (probe.read_stats(), probe.histograms()["mutex"][0], sleeper_owners(probe))
+        stall.wait(30)  # every waiter has written, so passed its contention_end: nothing to wait for
+        after = (probe.read_stats(), probe.histograms()["mutex"][0], sleeper_locks(probe))
     finally:
         if stall.poll() is None:
             stall.kill()
             stall.wait()
         probe.close()
+    lock, ours = held.most_common(1)[0] if held else (0, 0)
     lost = mid["sleeper_slots_full"] - before[0]["sleeper_slots_full"]
     long_waits = sum(after[1][slot_of(500_000_000) :]) - sum(before[1][slot_of(500_000_000) :])
-    print(f"{stalled}; slots held {held}/64, lost {lost}; waits over 0.5 s {long_waits}; free after: {64 - after[2]}")
-    assert stalled == "stalled 200" and released == "released 4296", (stalled, released)
-    assert held == 64
-    assert lost >= 200 - 64
-    assert 64 <= long_waits <= 200
-    assert after[2] == 0
+    print(f"{stalled}; slots held {held.total()}/64, {ours} by the stall, lost {lost}; waits over 0.5 s {long_waits}")
+    assert stalled == "stalled 400" and released == "released 4496", (stalled, released)
+    assert held.total() == 64
+    assert ours >= 48, held  # the machine's other tasks hold a few at most
+    assert lost >= 400 - ours
+    # Every wait of theirs that holds a slot is timed, none of the 336 and more without one: those
+    # would bring it near 400 (a few other tasks' long waits may end meanwhile).
+    assert ours <= long_waits <= 128
+    assert after[2][lock] == 0
 
 
 @pytest.mark.bpf
@@ -449,8 +566,42 @@ def test_exported_callers_are_bounded_and_monotonic(header_cache: Path) -> None:
         probe.close()
 
 
-def test_kallsyms_of_this_machine_has_the_locking_code_bounds() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("kallsyms addresses need root")
-    syms = KernelSymbols()
-    assert syms.address("__sched_text_start") and syms.address("__lock_text_end")
+def test_sampled_callers_keep_their_share_when_one_runs_at_each_window_start(header_cache: Path, tmp_path) -> None:
+    """Caller sampling gives every contention the same chance. Two probes on the same waits: one
+    walks every stack (exact callers), one about 100 per second per CPU (one a window). Two
+    mutex callers in two phases of every 10 ms window of the probes' clock
+    (bench/window_storm.c): an epoll storm in its first 1.5 ms (do_epoll_ctl), pipe writers and
+    a reader from 2 to 5 ms (anon_pipe_*); the 5 ms gap is more than a tick (4 ms at HZ 250),
+    so the new window is noticed at the epoll storm's first contention. Walking each window's
+    first contentions (the earlier sampler) gave the epoll storm every walk and, through the
+    pools, the pipe's contentions too;
+    a random draw keeps each caller's share within a few points of the exact one."""
+    storm = build_storm("window_storm", tmp_path)
+    exact = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=0, stack_walks=1_000_000)
+    sampled = LockstatProbe(KernelFacts(cache_dir=header_cache), IdLabeler(), timed_waits=0, stack_walks=100)
+    probes = (exact, sampled)
+    exact.load()
+    try:
+        sampled.load()
+        try:
+            before = [p.caller_totals() for p in probes]
+            pipes = subprocess.Popen([str(storm), "3", "3", "2000", "5000", "pipe"], stdout=subprocess.DEVNULL)
+            subprocess.run([str(storm), "3", "3", "0", "1500"], check=True, capture_output=True)
+            assert pipes.wait(timeout=60) == 0
+            time.sleep(0.5)  # the workloads' exit settles (see the timing budget test)
+            after = [p.caller_totals() for p in probes]
+        finally:
+            sampled.close()
+    finally:
+        exact.close()
+    shares = []
+    for p, b, a in zip(probes, before, after, strict=True):
+        rows = window(p, b, a)
+        epoll = sum(n for (t, c), (n, _w) in rows.items() if t == "mutex" and "epoll" in c)
+        pipe = sum(n for (t, c), (n, _w) in rows.items() if t == "mutex" and "pipe" in c)
+        shares.append((epoll, pipe, epoll / max(1, epoll + pipe)))
+    print(f"mutex contentions (epoll, pipe, epoll share): exact {shares[0]}, sampled {shares[1]}")
+    (e_epoll, e_pipe, e_share), (_, _, s_share) = shares
+    walks = 100 * os.cpu_count() * 3  # the sampled probe's budget over the 3 s
+    assert e_epoll + e_pipe > 5 * walks and min(e_epoll, e_pipe) > 300, "too little contention to sample"
+    assert abs(s_share - e_share) <= 0.05, shares

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from agent.collectors.ports import PortsCollector, destination, families_with_sockets, parse_reserved
-from agent.netns import NetnsIndex
-from agent.paths import HostPaths
-from agent.workloads import Workloads
+from agent.identity.netns import NetnsIndex
+from agent.identity.workloads import Workloads
+from host.paths import HostPaths
 from tests.netns import HOLDER
 
 
@@ -26,7 +26,7 @@ def scrape(collector: PortsCollector) -> dict[str, dict[tuple[str, ...], float]]
 
 
 def collector(top_k: int = 5) -> PortsCollector:
-    return PortsCollector(NetnsIndex(HostPaths(), Workloads(None), None), top_k)
+    return PortsCollector(NetnsIndex(HostPaths(), Workloads(None)), top_k)
 
 
 def test_empty_families_are_not_dumped() -> None:
@@ -139,7 +139,7 @@ def test_namespace_held_only_by_a_process_is_found_by_the_scan() -> None:
     p = subprocess.Popen(
         ["unshare", "-n", "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    c = PortsCollector(NetnsIndex(HostPaths(), Workloads(None), None, scan_s=0))
+    c = PortsCollector(NetnsIndex(HostPaths(), Workloads(None), scan_s=0))
     try:
         assert p.stdout.readline().strip() == "ok 3"
         inode = int(os.readlink(f"/proc/{p.pid}/ns/net")[5:-1])
@@ -163,7 +163,7 @@ def test_a_namespace_is_dumped_again_only_when_its_port_usage_can_have_changed(n
     c = collector()
     try:
         c.netns.refresh()
-        inode = next(i for i in c.netns.snapshot() if c.netns.labels(i)[2] == ns.name)
+        inode = next(i for i in c.netns.handles if c.netns.labels(i)[2] == ns.name)
 
         m = scrape(c)
         assert m["nodetune_ephemeral_ports_in_use"][(ns.name, "127.0.0.1:30000")] == 5

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from agent.collectors.throttling import ThrottlingCollector, parse_stat
-from agent.paths import HostPaths
-from agent.workloads import Workloads
-from tests.conftest import BUSY, SpreadCgroup
+from agent.identity.workloads import Workloads
+from host.paths import HostPaths
+from tests.conftest import BUSY, SpreadCgroup, wait_until
 
 POD = "pod0a1b2c3d-0000-4000-8000-0000000000aa"
 
@@ -53,7 +52,9 @@ def test_exported_counters_lie_between_two_reads_of_cpu_stat(v1_pod) -> None:
     cpu_dir = cg.dirs[0]
     (cpu_dir / "cpu.cfs_quota_us").write_text("10000")  # 10 % of one CPU, period 100 ms
     cg.spawn(BUSY)
-    time.sleep(1.5)
+    wait_until(  # a busy loop with a 10 % quota is throttled in most periods
+        lambda: parse_stat((cpu_dir / "cpu.stat").read_text())["nr_throttled"] > 5, what="6 throttled periods"
+    )
     collector = ThrottlingCollector(paths, Workloads(None))
     try:
         assert collector.hierarchy == "cpu"
@@ -78,7 +79,7 @@ def test_exported_counters_lie_between_two_reads_of_cpu_stat(v1_pod) -> None:
     assert before["nr_throttled"] <= throttled <= after["nr_throttled"]
     assert before["throttled_time"] / 1e9 <= throttled_s <= after["throttled_time"] / 1e9
     assert usage_before / 1e9 <= usage_s <= usage_after / 1e9
-    assert throttled > 5, "a busy loop with a 10 % quota is throttled in most periods"
+    assert throttled > 5
     assert families["nodetune_cpu_limit_cores"][labels] == pytest.approx(0.1)
     if "nr_bursts" in after:
         assert families["nodetune_cpu_cfs_burst_cores"][labels] == 0.0
@@ -182,3 +183,32 @@ def test_container_restart_continues_the_counters(tmp_path: Path) -> None:
         assert m["nodetune_cpu_cfs_periods"][redis] == 53 and m["nodetune_cpu_cfs_throttled_periods"][redis] == 11
     finally:
         collector.close()
+
+
+def test_an_overflowed_change_log_is_resynced_from_the_tree(tmp_path: Path) -> None:
+    """More changes between two ticks than the collector's log holds: it is told its log
+    overflowed, forgets what it kept of cgroups no longer in the tree and goes on counting."""
+    root = v2_tree(tmp_path)
+    pod = f"/kubepods/burstable/{POD}"
+    first = v2_cgroup(root, pod + "/" + "a" * 64, usage=1000, periods=50, throttled=10)
+    collector = ThrottlingCollector(HostPaths(tmp_path), Workloads(None, pod_names=Names()))
+    collector.changes.limit = 0  # any change overflows it
+    redis = ("cache", "redis-0", "redis", "")
+    fresh = None
+    try:
+        collector.maintain()
+        assert parse_metrics_of(collector)["nodetune_cpu_cfs_periods"][redis] == 50
+        for f in first.iterdir():
+            f.unlink()
+        first.rmdir()
+        v2_cgroup(root, pod + "/" + "b" * 64, usage=10, periods=3, throttled=1)
+        collector.maintain()
+        m = parse_metrics_of(collector)
+        assert m["nodetune_cpu_cfs_periods"][redis] == 53 and m["nodetune_cpu_cfs_throttled_periods"][redis] == 11
+        fresh = ThrottlingCollector(HostPaths(tmp_path), Workloads(None, pod_names=Names()))
+        fresh.maintain()
+        assert collector.reader.files.kept() == fresh.reader.files.kept()  # nothing kept of the removed one
+    finally:
+        collector.close()
+        if fresh is not None:
+            fresh.close()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from agent.tuning import command
-from agent.tuning.base import TuningHost
 from agent.tuning.engine import ApplyFailed, Engine
 from agent.tuning.profile import parse
 from agent.tuning.validate import build
+from host.paths import HostPaths
 from tests.agent.tuning.hosttree import make_host, snapshot, value
 
 PROFILE = """
@@ -141,7 +141,7 @@ def test_thp_mode_the_kernel_does_not_offer_is_invalid(tmp_path: Path) -> None:
 
 def test_a_failed_write_puts_back_this_runs_keys_and_exits_3(host: Path) -> None:
     (profile,) = parse(PROFILE)
-    items, _ = build(profile, TuningHost(host))
+    items, _ = build(profile, HostPaths(host))
     steps: list[str] = []
 
     def fail_third_journal(step: str) -> None:
@@ -150,7 +150,7 @@ def test_a_failed_write_puts_back_this_runs_keys_and_exits_3(host: Path) -> None
             raise OSError(5, "Input/output error")  # as the kernel refuses a write
 
     with pytest.raises(ApplyFailed) as e:
-        Engine(TuningHost(host), items, profile.name, on_step=fail_third_journal).apply()
+        Engine(HostPaths(host), items, profile.name, on_step=fail_third_journal).apply()
     assert [c.key for c in e.value.restored] == ["net.core.somaxconn", "vm.max_map_count"]
     assert values(host) == ORIGINAL
     assert not (host / "var/lib/nodetune/tuning-journal.json").exists()
@@ -164,17 +164,17 @@ STEPS = ["journal sysctl/net.core.somaxconn", "write sysctl/net.core.somaxconn",
 KILLER = """
 import os, signal, sys
 from pathlib import Path
-from agent.tuning.base import TuningHost
+from host.paths import HostPaths
 from agent.tuning.engine import Engine
 from agent.tuning.profile import parse
 from agent.tuning.validate import build
 root, text, kill_at = Path(sys.argv[1]), Path(sys.argv[2]).read_text(), sys.argv[3]
 (profile,) = parse(text)
-items, _ = build(profile, TuningHost(root))
+items, _ = build(profile, HostPaths(root))
 def step(name):
     if name == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-Engine(TuningHost(root), items, profile.name, on_step=step).apply()
+Engine(HostPaths(root), items, profile.name, on_step=step).apply()
 """
 
 

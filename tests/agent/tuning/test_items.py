@@ -1,5 +1,6 @@
 """irq_affinity, irqbalance and kmod on fixture trees (this kernel has no loadable modules: kmod is
-tested only here, with modprobe played by the fixture), and irqbalance and a real IRQ on the machine."""
+tested here with modprobe played by the fixture, and for real in tests/agent/tuning/test_kmod.py), and a real IRQ
+on the machine (real irqbalance processes: tests/agent/tuning/test_irqbalance.py)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,30 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from agent.tuning.base import TuningHost
 from agent.tuning.engine import Engine
 from agent.tuning.irq_affinity import IrqAffinityItem, nic_irqs
 from agent.tuning.irqbalance import IrqbalanceItem, irqbalance_pids
 from agent.tuning.kmod import KmodItem
 from agent.tuning.profile import parse
 from agent.tuning.validate import build
+from host.paths import HostPaths
 from tests.agent.tuning.hosttree import make_host, value
 
 
 def engine(host: Path, text: str) -> Engine:
     (profile,) = parse(text)
-    items, _ = build(profile, TuningHost(host))
-    return Engine(TuningHost(host), items, profile.name)
+    items, _ = build(profile, HostPaths(host))
+    return Engine(HostPaths(host), items, profile.name)
 
 
 def test_nic_irqs_come_from_the_pci_function_in_sysfs(tmp_path: Path) -> None:
     host = make_host(tmp_path / "host")
-    assert nic_irqs(TuningHost(host), "eth0") == [37, 38, 39]
-    assert nic_irqs(TuningHost(host), "nope0") == []
+    assert nic_irqs(HostPaths(host), "eth0") == [37, 38, 39]
+    assert nic_irqs(HostPaths(host), "nope0") == []
 
 
 def test_pin_and_spread_avoiding_the_cpu_managers_exclusive_cpus(tmp_path: Path) -> None:
@@ -59,11 +59,12 @@ def test_nothing_is_pinned_while_irqbalance_runs(tmp_path: Path) -> None:
     (fake / "comm").write_text("irqbalance\n")
     (fake / "cmdline").write_bytes(b"/usr/sbin/irqbalance\0--foreground\0")
     item = IrqAffinityItem(
-        TuningHost(host), parse("name: p\nirq_affinity: {interfaces: [eth0], cpus: '0'}")[0].irq_affinity
+        HostPaths(host), parse("name: p\nirq_affinity: {interfaces: [eth0], cpus: '0'}")[0].irq_affinity
     )
     assert item.plan() == []
     assert "irqbalance is running" in item.notes()[0]
-    assert IrqbalanceItem(TuningHost(host), False).read("service") == "running /usr/sbin/irqbalance --foreground"
+    # The name alone does not make it the host's irqbalance (tests/agent/tuning/test_irqbalance.py).
+    assert IrqbalanceItem(HostPaths(host), False).read("service") == "stopped"
 
 
 def test_kmod_loads_what_is_missing_and_never_unloads_a_module_in_use(tmp_path: Path) -> None:
@@ -73,14 +74,14 @@ def test_kmod_loads_what_is_missing_and_never_unloads_a_module_in_use(tmp_path: 
     def modprobe(argv: list[str]) -> subprocess.CompletedProcess:
         calls.append(argv)
         name = argv[-1]
-        if "-r" in argv:
+        if argv[0] == "rmmod":
             shutil.rmtree(host / "sys/module" / name)
         else:
             (host / "sys/module" / name).mkdir(parents=True)
             (host / "sys/module" / name / "refcnt").write_text("1\n" if name == "ip_vs" else "0\n")
         return subprocess.CompletedProcess(argv, 0, "", "")
 
-    host_t = TuningHost(host)
+    host_t = HostPaths(host)
     item = KmodItem(host_t, ["ip_vs", "ip_vs_rr", "nf_conntrack"], run=modprobe)
     assert item.read("nf_conntrack") == "loaded"  # built in (modules.builtin)
     e = Engine(host_t, [item], "kmod")
@@ -89,7 +90,7 @@ def test_kmod_loads_what_is_missing_and_never_unloads_a_module_in_use(tmp_path: 
     assert any("kube-proxy mode here: not ipvs" in n for n in item.notes())
     assert any("deprecated since Kubernetes 1.35" in n for n in item.notes())
     e.revert()
-    assert calls[-1] == ["modprobe", "-d", str(host), "-r", "ip_vs_rr"]  # ip_vs is in use: stays
+    assert calls[-1] == ["rmmod", "ip_vs_rr"]  # ip_vs is in use: stays
     assert (host / "sys/module/ip_vs").is_dir() and not (host / "sys/module/ip_vs_rr").exists()
 
 
@@ -97,38 +98,8 @@ def test_kmod_loads_what_is_missing_and_never_unloads_a_module_in_use(tmp_path: 
 
 
 @pytest.mark.root
-def test_a_real_irqbalance_in_its_own_pid_namespace_is_stopped_and_reported(tmp_path: Path) -> None:
-    if shutil.which("irqbalance") is None:
-        pytest.skip("irqbalance not installed (scripts/bootstrap.sh test installs it)")
-    if irqbalance_pids(TuningHost()):
-        pytest.skip("an irqbalance not started by this test runs here; it is not ours to stop")
-    proc = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", "irqbalance", "--foreground"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not irqbalance_pids(TuningHost()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert irqbalance_pids(TuningHost()), "irqbalance did not start"
-        e = Engine(TuningHost(state_dir=tmp_path), [IrqbalanceItem(TuningHost(state_dir=tmp_path), False)], "irq")
-        assert [c.old.split()[0] for c in e.plan()] == ["running"]
-        assert [c.new for c in e.apply()] == ["stopped"]
-        assert irqbalance_pids(TuningHost()) == []
-        assert e.verify() == {("irqbalance", "service"): True}
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    journal = json.loads((tmp_path / "tuning-journal.json").read_text())
-    assert journal["entries"]["irqbalance/service"]["original"].startswith("running irqbalance --foreground")
-
-
-@pytest.mark.root
 def test_a_real_irqs_affinity_changed_and_restored(tmp_path: Path) -> None:
-    host = TuningHost(state_dir=tmp_path)
+    host = HostPaths(state_dir=tmp_path)
     interfaces = [i for i in os.listdir("/sys/class/net") if nic_irqs(host, i)]
     online = value(Path("/"), "sys/devices/system/cpu/online")
     if not interfaces or online == "0":
@@ -177,7 +148,16 @@ def test_an_irq_the_kernel_refuses_is_recorded_and_skipped_not_retried(tmp_path:
     host = make_host(tmp_path / "host")
     (host / "sys/devices/pci0000:00/0000:00:03.0/msi_irqs" / str(irq)).write_text("msix\n")
     shutil.rmtree(host / f"proc/irq/{irq}", ignore_errors=True)
-    (host / f"proc/irq/{irq}").symlink_to(f"/proc/irq/{irq}")  # the real, unmovable one
+    # the real, unmovable one, bind-mounted (a symlink out of the host root is refused by design)
+    (host / f"proc/irq/{irq}").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", f"/proc/irq/{irq}", str(host / f"proc/irq/{irq}")], check=True)
+    try:
+        _unmovable_irq_is_skipped(host, irq)
+    finally:
+        subprocess.run(["umount", str(host / f"proc/irq/{irq}")], check=True)
+
+
+def _unmovable_irq_is_skipped(host: Path, irq: int) -> None:
     e = engine(host, "name: p\nirq_affinity: {interfaces: [eth0], cpus: '0'}")
     applied = e.apply()
     assert f"irq{irq}" not in [c.key for c in applied] and len(applied) == 3  # the fixture's 37-39 moved

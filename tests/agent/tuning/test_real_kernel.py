@@ -56,17 +56,18 @@ def test_namespace_sysctls_apply_verify_revert(netns, tmp_path: Path) -> None:
 
 
 def test_kernel_refusing_a_write_rolls_back_the_run_and_exits_3(netns, tmp_path: Path) -> None:
-    """somaxconn's handler has a minimum of 0 (net/core/sysctl_net_core.c): -5 is EINVAL at write
-    time, after the port range was already written - which must be put back."""
+    """ip_default_ttl's handler takes 1..255 (net/ipv4/sysctl_net_ipv4.c, ip_ttl_min/max), a bound
+    validation does not know (somaxconn's -5, the old example, is now refused at validation): 256
+    is EINVAL at write time, after the port range was already written - which must be put back."""
     ns = netns("32768 60999").name
     profile = tmp_path / "p.yaml"
     profile.write_text(
-        "name: bad\nsysctl:\n  net.ipv4.ip_local_port_range: '20000 30000'\n  net.core.somaxconn: '-5'\n"
+        "name: bad\nsysctl:\n  net.ipv4.ip_local_port_range: '20000 30000'\n  net.ipv4.ip_default_ttl: '256'\n"
     )
-    before = {k: sysctl_in(ns, k) for k in ("net.core.somaxconn", "net.ipv4.ip_local_port_range")}
+    before = {k: sysctl_in(ns, k) for k in ("net.ipv4.ip_default_ttl", "net.ipv4.ip_local_port_range")}
     res = nodetune_in(ns, "apply", "--profile", str(profile), "--state-dir", str(tmp_path / "state"))
     assert res.returncode == 3, res.stderr
-    assert "put back: net.ipv4.ip_local_port_range" in res.stderr
+    assert "rolled back (net.ipv4.ip_local_port_range put back)" in res.stderr
     assert {k: sysctl_in(ns, k) for k in before} == before
     assert not (tmp_path / "state/tuning-journal.json").exists()
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.tuning.base import TuningHost
 from agent.tuning.unit import TuningUnit
+from host.paths import HostPaths
 from tests.agent.tuning.hosttree import make_host, snapshot, value
 
 
@@ -41,7 +41,7 @@ def test_observe_reports_and_changes_nothing(tmp_path: Path) -> None:
         tmp_path / "cm", "name: p1\nsysctl: {net.core.somaxconn: '>=8192', vm.max_map_count: '65530'}", 1
     )
     before = snapshot(host)
-    unit = TuningUnit(TuningHost(host), profile, "observe")
+    unit = TuningUnit(HostPaths(host), profile, "observe")
     unit.maintain()
     m = metrics(unit)
     assert m["nodetune_tuning_in_sync"] == {
@@ -57,7 +57,7 @@ def test_enforce_applies_fixes_drift_rate_limited_and_follows_the_configmap(tmp_
     host = make_host(tmp_path / "host")
     now = [1000.0]
     profile = configmap(tmp_path / "cm", "name: p1\nsysctl: {net.core.somaxconn: '>=8192'}", 1)
-    unit = TuningUnit(TuningHost(host), profile, "enforce", reapply_interval_s=60, clock=lambda: now[0])
+    unit = TuningUnit(HostPaths(host), profile, "enforce", reapply_interval_s=60, clock=lambda: now[0])
     unit.maintain()
     assert value(host, "proc/sys/net/core/somaxconn") == "8192"
     assert metrics(unit)["nodetune_tuning_changes_total"][(("item", "sysctl"),)] == 1
@@ -90,7 +90,7 @@ def test_enforce_applies_fixes_drift_rate_limited_and_follows_the_configmap(tmp_
 def test_built_in_profile_without_a_file_observes(tmp_path: Path) -> None:
     host = make_host(tmp_path / "host")
     before = snapshot(host)
-    unit = TuningUnit(TuningHost(host), None, "observe")
+    unit = TuningUnit(HostPaths(host), None, "observe")
     unit.maintain()
     m = metrics(unit)
     assert m["nodetune_tuning_profile_info"] == {(("mode", "observe"), ("profile", "nodetune-default")): 1}
@@ -102,7 +102,7 @@ def test_built_in_profile_without_a_file_observes(tmp_path: Path) -> None:
 def test_a_removed_profile_is_reverted_after_a_few_ticks_not_at_once(tmp_path: Path) -> None:
     host = make_host(tmp_path / "host")
     profile = configmap(tmp_path / "cm", "name: p1\nsysctl: {net.core.somaxconn: '>=8192'}", 1)
-    unit = TuningUnit(TuningHost(host), profile, "enforce", removed_ticks=3)
+    unit = TuningUnit(HostPaths(host), profile, "enforce", removed_ticks=3)
     unit.maintain()
     assert value(host, "proc/sys/net/core/somaxconn") == "8192"
     os.unlink(tmp_path / "cm/..data")  # the ConfigMap's key is gone
@@ -117,3 +117,31 @@ def test_a_removed_profile_is_reverted_after_a_few_ticks_not_at_once(tmp_path: P
     configmap(tmp_path / "cm", "name: p2\nsysctl: {net.core.somaxconn: '>=9000'}", 2)  # back again
     unit.maintain()
     assert value(host, "proc/sys/net/core/somaxconn") == "9000"
+
+
+def test_a_scrape_racing_a_removed_profile_reports_one_consistent_state(tmp_path: Path) -> None:
+    """Review #9: collect() read ``self.profile`` twice; the tuning thread setting it to None in
+    between (``_removed``) made the scrape raise AttributeError. The interleaving is forced here:
+    the attribute turns None right after its first read."""
+    host = make_host(tmp_path / "host")
+    profile = configmap(tmp_path / "cm", "name: p1\nsysctl: {net.core.somaxconn: '>=8192'}", 1)
+    unit = TuningUnit(HostPaths(host), profile, "observe")
+    unit.maintain()
+
+    class Racing(TuningUnit):
+        reads = 0
+
+        @property
+        def profile(self):  # the tuning thread's write lands between two reads
+            Racing.reads += 1
+            return self.__dict__["_p"] if Racing.reads == 1 else None
+
+        @profile.setter
+        def profile(self, value) -> None:
+            self.__dict__["_p"] = value
+
+    p = unit.profile
+    unit.__class__ = Racing
+    unit.__dict__["_p"] = p
+    m = metrics(unit)  # raised AttributeError: 'NoneType' object has no attribute 'name'
+    assert m["nodetune_tuning_profile_info"] == {(("mode", "observe"), ("profile", "p1")): 1}

@@ -403,13 +403,15 @@ class Probe(abc.ABC):
         return text
 
     def _attach_rows(self) -> None:
-        sets = self.row_tables()
-        self.workload_tables = {
-            rs.name: RowTableSeries(RowTable(rs, self.table), self.labeler.resolve, self.series_grace_s)
-            for rs in sets
-            if rs.per_workload
-        }
-        self.keyed_tables = {rs.name: RowTable(rs, self.table) for rs in sets if not rs.per_workload}
+        """Wrap every row table; each is kept as soon as it is made, so that a failure on a later
+        one still closes the earlier ones (``_close_bpf``)."""
+        self.workload_tables, self.keyed_tables = {}, {}
+        for spec in self.row_tables():
+            rows = RowTable(spec, self.table)
+            if spec.per_workload:
+                self.workload_tables[spec.name] = RowTableSeries(rows, self.labeler.resolve, self.series_grace_s)
+            else:
+                self.keyed_tables[spec.name] = rows
 
     def _before_load(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: prepare the host for ``strategy`` (e.g. make tracefs visible)."""
@@ -487,6 +489,10 @@ class Probe(abc.ABC):
 
     def _close_bpf(self) -> None:
         self._paused = None
+        for series in self.workload_tables.values():
+            series.rows.close()
+        for rows in self.keyed_tables.values():
+            rows.close()
         self.workload_tables = {}
         self.keyed_tables = {}
         if self._bpf is not None:

@@ -208,7 +208,7 @@ class LockstatProbe(Probe):
         """((lock type, caller function) -> [contentions, wait ns], lock type -> the same for waits
         with no caller row: none found in the stack, or the rows full). Lifetime totals."""
         rows = self.keyed_tables[CALLERS]
-        keys = {row: key for row, key in enumerate(rows.owners()) if key}
+        keys = rows.owned()
         values = rows.read(list(keys))
         callers: dict[tuple[str, str], list[int]] = {}
         for row, key in keys.items():

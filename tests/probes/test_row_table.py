@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,20 +28,25 @@ def test_the_gap_worth_copying_shrinks_with_row_width_and_cpus() -> None:
     assert gap_rows(25, 96) == 1  # 19 KB a row on 96 CPUs: never copy a row not asked for
 
 
+def compiled(spec: RowTableSpec, header_cache: Path) -> Any:  # a bcc.BPF
+    """One row table alone in a BPF module (nothing attached)."""
+    from bcc import BPF
+
+    common = (Path(bpfsys.__file__).parent / "common.bpf.h").read_text()
+    KernelFacts(cache_dir=header_cache).headers.apply_env()
+    flags = [*histogram.cflags(), "-DNSTATS=1", "-DSTAT_CGROUP_MAP_FULL=0"]
+    return BPF(text=(common + spec.c_source()).encode(), cflags=flags)
+
+
 @pytest.mark.bpf
 def test_read_of_scattered_rows_matches_what_was_written(header_cache: Path) -> None:
     """Rows at both ends of a real per-CPU row map, and one run with gaps in the middle: each read
     row is its words summed over CPUs, and rows not asked for (in a gap of a run or between runs)
     are not returned."""
-    from bcc import BPF
-
     spec = RowTableSpec("test_rows", 3, 1024, cache=0)
-    common = (Path(bpfsys.__file__).parent / "common.bpf.h").read_text()
-    KernelFacts(cache_dir=header_cache).headers.apply_env()
-    flags = [*histogram.cflags(), "-DNSTATS=1", "-DSTAT_CGROUP_MAP_FULL=0"]
-    bpf = BPF(text=(common + spec.c_source()).encode(), cflags=flags)
+    bpf = compiled(spec, header_cache)
+    rows = RowTable(spec, lambda name: bpf[name.encode()])
     try:
-        rows = RowTable(spec, lambda name: bpf[name.encode()])
         ncpu = bpfsys.possible_cpus()
         table = rows.values
         wanted = [0, 500, 501, 520, 540, 1023]  # 500..540: one run with gaps inside it
@@ -56,4 +62,29 @@ def test_read_of_scattered_rows_matches_what_was_written(header_cache: Path) -> 
         assert got == {row: expected[row] for row in wanted}
         assert rows.read([]) == {}
     finally:
+        rows.close()
         bpf.cleanup()
+
+
+@pytest.mark.bpf
+def test_owned_rows_come_from_the_mapped_owner_array(header_cache: Path) -> None:
+    """The owner array is read through its mapping: an empty table owns nothing; owners written
+    into the map (first row, last row, the largest id) show at once, an unowned row goes at once;
+    a closed table refuses to read, and closing twice is harmless."""
+    spec = RowTableSpec("test_rows", 1, 600, cache=0)  # 4,800 B: the mapping is two pages
+    bpf = compiled(spec, header_cache)
+    rows = RowTable(spec, lambda name: bpf[name.encode()])
+    try:
+        assert rows.owned() == {}
+        owners = {0: 7, 511: 2**64 - 1, 599: 12345}  # 511/599: either side of the page boundary
+        for row, wid in owners.items():
+            rows.owner[rows.owner.Key(row)] = rows.owner.Leaf(wid)
+        assert rows.owned() == owners
+        rows.unown(511, 2**64 - 1)
+        assert rows.owned() == {0: 7, 599: 12345}
+    finally:
+        rows.close()
+        bpf.cleanup()
+    with pytest.raises(RuntimeError, match="closed"):
+        rows.owned()
+    rows.close()

@@ -7,18 +7,21 @@ steady state; ``running_exporter()`` does the same for ``prometheus-node-exporte
 package, default collectors). Both are ended by their pid (SIGTERM, then SIGKILL after 30 s).
 Per-process CPU comes from ``/proc/<pid>/stat`` (utime + stime, which keeps the time of threads
 that have exited: the agent's HTTP server runs each request on its own thread), RSS from
-``smaps_rollup`` (bench/footprint.py's readers).
+``smaps_rollup`` (bench/footprint.py's readers). ``Scraper`` GETs ``/metrics`` as Prometheus does:
+``Accept-Encoding: gzip`` over one kept-alive connection (or a new one per scrape, on request).
 """
 
 from __future__ import annotations
 
 import gzip
+import http.client
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +35,16 @@ from bench.footprint import GIVEN_BACK, WARM_CACHE, cpu_seconds, free_port, rss_
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTER = "prometheus-node-exporter"
 
-__all__ = ["Running", "cpu_seconds", "rss_mib", "running_agent", "running_exporter", "scrape_seconds"]
+__all__ = [
+    "Running",
+    "Scrape",
+    "Scraper",
+    "cpu_seconds",
+    "rss_mib",
+    "running_agent",
+    "running_exporter",
+    "scrape_seconds",
+]
 
 
 @dataclass
@@ -42,16 +54,54 @@ class Running:
     url: str  # http://host:port, no path
 
 
+@dataclass
+class Scrape:
+    seconds: float  # request sent to body read (not decompressed)
+    body: bytes  # the exposition, decompressed
+    sent: int  # bytes on the wire (gzip)
+
+
+class Scraper:
+    """GETs ``/metrics`` with ``Accept-Encoding: gzip`` over one kept-alive connection, as
+    Prometheus does (Go's HTTP client keeps a target's connection from scrape to scrape), or over
+    a new connection per scrape (``keep_alive=False``). It matters for the agent's ports collector:
+    a new connection per scrape changes the host namespace's TCP counts (an open, a socket in
+    TIME_WAIT on an ephemeral port), so every scrape dumps the namespace's TCP table again."""
+
+    def __init__(self, url: str, keep_alive: bool = True) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.keep_alive = keep_alive
+        self.conn: http.client.HTTPConnection | None = None
+
+    def scrape(self) -> Scrape:
+        start = time.perf_counter()
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            self.conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+            r = self.conn.getresponse()
+            body = r.read()
+        except (OSError, http.client.HTTPException):
+            self.close()  # the next scrape connects again
+            raise
+        elapsed = time.perf_counter() - start
+        if not self.keep_alive or r.will_close:
+            self.close()
+        if r.status != 200:
+            raise RuntimeError(f"/metrics answered {r.status}")
+        raw = gzip.decompress(body) if r.headers.get("Content-Encoding") == "gzip" else body
+        return Scrape(elapsed, raw, len(body))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
 def scrape_seconds(url: str) -> float:
-    """Wall time of one ``GET /metrics`` with ``Accept-Encoding: gzip`` (as Prometheus asks),
-    body read and decompressed."""
-    req = urllib.request.Request(url + "/metrics", headers={"Accept-Encoding": "gzip"})
-    t = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=30) as r:
-        body = r.read()
-        if r.headers.get("Content-Encoding") == "gzip":
-            gzip.decompress(body)
-    return time.perf_counter() - t
+    """Wall time of one ``GET /metrics`` on a new connection (``Scraper``'s way otherwise)."""
+    return Scraper(url, keep_alive=False).scrape().seconds
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

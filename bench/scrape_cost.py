@@ -4,7 +4,8 @@ Makes N pod-like cgroups (``/<bench>/kubepods/burstable/pod<uid>/<container id>`
 hierarchy, as the cgroupfs driver lays them out), each with one task that sleeps and wakes every
 50 ms so that every workload has a histogram row. Runs ``nodetune run`` as a real process with its
 defaults (every probe and collector), scrapes /metrics ``--scrapes`` times, ``--interval`` seconds
-apart (with ``Accept-Encoding: gzip``, as Prometheus does), and reports the median, p99 and max
+apart (``Accept-Encoding: gzip`` over one kept-alive connection, as Prometheus does;
+``--new-connection`` for one per scrape: bench/report_agent.py ``Scraper``), and reports the median, p99 and max
 scrape time, the body size, and each collector's median share (the agent's own
 ``nodetune_scrape_collector_duration_seconds``). Then measures, in this process, what reading the
 rows costs per row and per CPU (the part that grows with a node's CPU count).
@@ -16,7 +17,6 @@ process made here is removed by its pid; cProfile of the agent's scrape with ``-
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report_agent import Scraper
 from host.paths import HostPaths
 from probes import bpfsys
 
@@ -77,16 +78,11 @@ def remove_workloads(top: Path, pids: list[int]) -> None:
 DURATION = re.compile(rb'^nodetune_scrape_collector_duration_seconds\{collector="([^"]+)"\} (\S+)$', re.M)
 
 
-def scrape(url: str) -> tuple[float, int, int, dict[str, float]]:
+def scrape(scraper: Scraper) -> tuple[float, int, int, dict[str, float]]:
     """(seconds, body bytes, bytes sent, collector -> its seconds by the agent's own count)."""
-    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
-    start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=30) as r:
-        body = r.read()
-        gz = r.headers.get("Content-Encoding") == "gzip"
-    elapsed = time.perf_counter() - start
-    raw = gzip.decompress(body) if gz else body
-    return elapsed, len(raw), len(body), {m[1].decode(): float(m[2]) for m in DURATION.finditer(raw)}
+    got = scraper.scrape()
+    durations = {m[1].decode(): float(m[2]) for m in DURATION.finditer(got.body)}
+    return got.seconds, len(got.body), got.sent, durations
 
 
 def agent_cpu_s(pid: int) -> float:
@@ -149,6 +145,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="run the agent under cProfile (to --profile-out)")
     ap.add_argument("--profile-out", default="/tmp/nodetune-scrape.prof")
     ap.add_argument("--json", type=Path, help="write every scrape's time and the body sizes here")
+    ap.add_argument("--new-connection", action="store_true", help="a new connection per scrape (default: kept alive)")
     args = ap.parse_args()
     root = HostPaths().cgroup_v2()
     if root is None:
@@ -177,12 +174,14 @@ def main() -> int:
                 raise SystemExit("agent not ready")
             time.sleep(0.2)
         time.sleep(2)  # every workload has waited at least once
-        scrape(url + "/metrics")  # warm-up
+        scraper = Scraper(url, keep_alive=not args.new_connection)
+        scrape(scraper)  # warm-up
         results = []
         cpu0, wall0 = agent_cpu_s(agent.pid), time.monotonic()
         for _ in range(args.scrapes):
-            results.append(scrape(url + "/metrics"))
+            results.append(scrape(scraper))
             time.sleep(args.interval)
+        scraper.close()
         cpu_pct = 100 * (agent_cpu_s(agent.pid) - cpu0) / (time.monotonic() - wall0)
         times = [r[0] for r in results]
         body = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
@@ -195,7 +194,8 @@ def main() -> int:
         )
         print(
             f"scrape: median {statistics.median(times) * 1e3:.1f} ms, p99 {p99(times) * 1e3:.1f} ms, "
-            f"max {max(times) * 1e3:.1f} ms over {len(times)} scrapes, {args.interval} s apart; "
+            f"max {max(times) * 1e3:.1f} ms over {len(times)} scrapes, {args.interval} s apart "
+            f"({'a new connection each' if args.new_connection else 'one kept-alive connection'}); "
             f"body {results[-1][1] / 1e6:.2f} MB ({results[-1][2] / 1e3:.0f} kB gzip)"
         )
         units = sorted({u for r in results for u in r[3]})

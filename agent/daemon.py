@@ -47,7 +47,7 @@ from agent.tuning.unit import TuningUnit
 from agent.tuning.worker import TuningThread
 from agent.web_config import WebConfigFile
 from host.paths import HostPaths
-from probes import PROBES, bpfsys, reclaim
+from probes import PROBES, bcc_loader, bpfsys, reclaim
 from probes.base import CPU_V1, KernelFacts, Probe, ProbeUnavailable
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def make_probe(name: str, config: AgentConfig, kernel: KernelFacts, workloads: W
 
 def prefetch_in_order(probes: Sequence[Probe], stop: threading.Event) -> list[threading.Event]:
     """Run each probe's ``prefetch()`` (its Python-side checks: BTF, kallsyms) on a helper thread,
-    in load order, while the loader compiles the probe before: BCC's compile holds no GIL (README,
-    Memory and start-up). Returns one event per probe, set when its prefetch is over, and all of
+    in load order, while the probes before compile in their loader processes (README, Memory and
+    start-up). Returns one event per probe, set when its prefetch is over, and all of
     them whatever happens (a prefetch that raises, a stop): a load waits on its own event only.
     A fact neither prefetch touched may still be worked out by both threads at once; a
     ``cached_property`` then computes it twice (3.12+) or makes one thread wait (3.11)."""
@@ -108,6 +108,25 @@ def prefetch_in_order(probes: Sequence[Probe], stop: threading.Event) -> list[th
 
     threading.Thread(target=run, name="probe-prefetch", daemon=True).start()
     return done
+
+
+def load_one(probe: Probe, prefetched: threading.Event, state: ProbeState) -> None:
+    """One probe's load once its prefetch is over, the outcome recorded in ``state``. Never raises:
+    a bug in a probe must not stop the agent."""
+    prefetched.wait()
+    begun = time.monotonic()
+    try:
+        probe.load()
+        log.info("probe %s loaded in %.2fs", probe.name, time.monotonic() - begun)
+    except ProbeUnavailable as e:
+        state.reason = e.reason
+        log.warning("probe %s unavailable: %s", probe.name, e.reason)
+    except Exception as e:
+        state.reason = f"{type(e).__name__}: {e}"
+        log.exception("probe %s failed to load", probe.name)
+    else:
+        state.probe, state.attach = probe, probe.attach or ""
+    state.skipped = dict(probe.skipped)
 
 
 class Agent:
@@ -246,32 +265,48 @@ class Agent:
         log.info("serving metrics on %s:%s%s", host, port, " (TLS)" if tls else "")
 
     def load_probes(self) -> None:
+        """Load every probe on a thread of its own: each compiles, loads and attaches in a child
+        process (probes/bcc_loader.py, ``MAX_PARALLEL`` at a time), so the compiles run in
+        parallel, while the Python-side checks of the probes run on one helper thread
+        (``prefetch_in_order``). Ready once every probe has loaded or failed; registered in the
+        configured order, then settled (``Probe.settle``)."""
         started = time.monotonic()
+        try:
+            bcc_loader.prespawn(len(self.candidates))  # their start overlaps the headers and prefetches
+        except OSError as e:  # each load starts its own then, and says why it cannot
+            log.warning("probe loaders not started ahead: %s", e)
+        try:
+            self._load_all(started)
+        finally:
+            bcc_loader.discard_spares()  # a probe that failed before its compile left its loader unused
+        self._ready = True
+        log.info("probes loaded in %.2fs: %s", time.monotonic() - started, self.probe_summary())
+        for state in self.probes.values():
+            if state.probe is not None:
+                try:
+                    state.probe.settle()
+                except Exception:  # its scrapes and ticks meet the same fault and report it
+                    log.exception("probe %s: settling failed", state.name)
+        self.give_back()  # after /readyz turns 200: none of it is needed to serve
+
+    def _load_all(self, started: float) -> None:
         log.info("kernel %s; %s", self.kernel.release, self.kernel.describe_headers())
         log.info("headers ready in %.2fs", time.monotonic() - started)  # a cold cache: the merge
         prefetched = prefetch_in_order(self.candidates, self.stop_event)
-        for probe, done in zip(self.candidates, prefetched, strict=True):
-            done.wait()
-            state = ProbeState(probe.name)
-            begun = time.monotonic()
-            try:
-                probe.load()
-                log.info("probe %s loaded in %.2fs", probe.name, time.monotonic() - begun)
-            except ProbeUnavailable as e:
-                state.reason = e.reason
-                log.warning("probe %s unavailable: %s", probe.name, e.reason)
-            except Exception as e:  # a bug in a probe must not stop the agent
-                state.reason = f"{type(e).__name__}: {e}"
-                log.exception("probe %s failed to load", probe.name)
-            else:
-                state.probe, state.attach = probe, probe.attach or ""
+        states = [ProbeState(probe.name) for probe in self.candidates]
+        loaders = [
+            threading.Thread(target=load_one, args=(probe, done, state), name=f"load-{probe.name}", daemon=True)
+            for probe, done, state in zip(self.candidates, prefetched, states, strict=True)
+        ]
+        for loader in loaders:
+            loader.start()
+        for loader in loaders:
+            loader.join()
+        for probe, state in zip(self.candidates, states, strict=True):
+            if state.probe is not None:
                 self.exporter.register(probe.name, probe)
-            state.skipped = dict(probe.skipped)
             with self._probes_lock:
                 self.probes[probe.name] = state
-        self._ready = True
-        log.info("probes loaded in %.2fs: %s", time.monotonic() - started, self.probe_summary())
-        self.give_back()  # after /readyz turns 200: none of it is needed to serve
 
     def give_back(self) -> None:
         """Once every probe is loaded, return what loading left resident and never uses again
@@ -388,7 +423,10 @@ class Agent:
             self.server.stop()
             self.server = None
         if self._loader is not None:
+            if self._loader.is_alive():
+                bcc_loader.abort_all()  # loads still running fail at once instead of finishing
             self._loader.join()  # never detach while a probe is half loaded
+            bcc_loader.allow()
         if self.kube is not None:
             self.kube.close()  # shuts the open watches: no wait for their read timeout
         for collector in self.collectors.values():

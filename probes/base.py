@@ -19,7 +19,6 @@ workload labels come in through the ``CgroupLabeler`` the agent hands them.
 from __future__ import annotations
 
 import abc
-import ctypes
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 from host.paths import HostPaths
 from metrics import histogram
 from metrics.workload_series import Labels, Lookup
+from probes.bcc_loader import LoaderError, load_in_child
 from probes.btf import BTF, BTFError
 from probes.headers import HeadersNotFound, KernelHeaders, find_headers
 from probes.row_table import RowTable, RowTableSeries, RowTableSpec
@@ -269,7 +269,7 @@ class Probe(abc.ABC):
         self.workload_tables: dict[str, RowTableSeries] = {}
         self.keyed_tables: dict[str, RowTable] = {}  # row tables keyed by something else than a workload
         self._bpf: Any = None
-        self._map_fds: list[int] = []  # the maps' fds once BCC's module is dropped (_drop_module)
+        self._map_fds: list[int] = []  # the maps' fds (BCC's table objects read through them; closed here)
         self._paused: Hooks | None = None  # what pause() detached
         self._lock = threading.Lock()
 
@@ -366,9 +366,8 @@ class Probe(abc.ABC):
         headers = self.kernel.headers
         if isinstance(headers, HeadersNotFound):
             raise ProbeUnavailable(str(headers))
-        headers.apply_env()
         try:
-            from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no BCC
+            import bcc  # noqa: F401 (Debian's python3-bpfcc, for its table classes; late so unit tests need no BCC)
         except ImportError as e:
             raise ProbeUnavailable(f"BCC python module not importable: {e}") from e
         for strategy in self._candidates():
@@ -377,10 +376,10 @@ class Probe(abc.ABC):
                 if reason is None:
                     text, cflags = self.render(strategy)
                     self._before_load(strategy)
-                    self._bpf = BPF(text=text.encode(), cflags=cflags)
+                    self._bpf = load_in_child(text, cflags, self.functions(strategy), headers.path or None)
+                    self._map_fds = [t.map_fd for t in self._bpf.tables.values()]
                     self._attach_rows()
                     self._after_load(strategy)
-                    self._drop_module()
                     self.attach = strategy
                     log.info("probe %s attached via %s", self.name, strategy)
                     return
@@ -393,11 +392,21 @@ class Probe(abc.ABC):
         tried = "; ".join(f"{s}: {r}" for s, r in self.skipped.items()) or "no strategy selected"
         raise ProbeUnavailable(tried)
 
+    def settle(self) -> None:  # noqa: B027 - optional hook
+        """Hook: work the probe needs once loaded but not before the agent is ready (the daemon
+        calls it after ``/readyz`` turns 200, before the first timer tick)."""
+
+    def functions(self, strategy: str) -> list[tuple[str, int]]:
+        """Programs to load besides the auto-attached ones, as (function name, BCC program type):
+        the probe attaches them itself in ``_after_load`` (``self._bpf.load_func`` then returns
+        the loaded program). Loading happens in the loader's child (probes/bcc_loader.py)."""
+        return []
+
     def failure_reason(self, strategy: str, error: Exception) -> str:
         """What to record when trying ``strategy`` raised ``error``. BCC reports EPERM from
         BPF_PROG_LOAD as "Need super-user privileges to run" even for root, so that case is named
         for what it is here: the kernel refused this kind of program."""
-        text = f"{type(error).__name__}: {error}".strip()
+        text = str(error) if isinstance(error, LoaderError) else f"{type(error).__name__}: {error}".strip()
         if "Need super-user privileges" in text and os.geteuid() == 0:
             return f"the kernel refused the programs with EPERM although we are root ({text})"
         return text
@@ -421,27 +430,6 @@ class Probe(abc.ABC):
 
     def _after_close(self, strategy: str) -> None:  # noqa: B027 - optional hook
         """Hook: undo ``_before_load``."""
-
-    def _drop_module(self) -> None:
-        """Free BCC's module once the probe is loaded and attached: its compiled sections, clang's
-        and LLVM's state and the JIT-compiled key/leaf printers of every map (about 7 MiB for the
-        three default probes). What stays in use does not need it: the programs' fds (BPF.funcs,
-        which pause()/resume() attach again), the attach fds, and the maps' table objects, which
-        read and write through their map fd only (BCC 0.26 bcc/table.py). So every map's table is
-        made first, its fd duplicated (the module closes its own), then the module destroyed."""
-        from bcc import lib  # loaded: BCC is importable
-
-        bpf = self._bpf
-        # BCC's Python layer declares no types for these two (libbcc's bcc_common.h)
-        lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
-        lib.bpf_table_name.restype = ctypes.c_char_p
-        lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        for i in range(lib.bpf_num_tables(bpf.module)):
-            table = bpf[lib.bpf_table_name(bpf.module, i)]
-            table.map_fd = os.dup(table.map_fd)
-            self._map_fds.append(table.map_fd)
-        lib.bpf_module_destroy(bpf.module)
-        bpf.module = None  # BPF.close() then skips the module; table() serves made tables only
 
     def table(self, name: str) -> Any:
         if self._bpf is None:

@@ -167,6 +167,13 @@ class ConnectProbe(Probe):
             *(f"-D{macro}={offset}" for macro, offset in offsets.items()),
         ]
 
+    def functions(self, strategy: str) -> list[tuple[str, int]]:
+        if strategy != TRACEPOINT_SOCKOPS:
+            return []
+        from bcc import BPF  # loaded: BCC is importable
+
+        return [("connect_sockops", BPF.SOCK_OPS)]  # loaded by the loader, linked by _link()
+
     def _after_load(self, strategy: str) -> None:
         if strategy == TRACEPOINT_SOCKOPS:
             self._link()
@@ -174,7 +181,7 @@ class ConnectProbe(Probe):
     def _link(self) -> None:
         from bcc import BPF  # loaded: BCC is importable
 
-        fn = self._bpf.load_func(b"connect_sockops", BPF.SOCK_OPS)  # BCC loads a function once
+        fn = self._bpf.load_func(b"connect_sockops", BPF.SOCK_OPS)  # loaded already (functions()): its fd
         self._link_fd = bpfsys.link_cgroup(fn.fd, str(self.kernel.cgroup2_root), bpfsys.BPF_CGROUP_SOCK_OPS)
         log.info("connect: sock_ops linked to %s", self.kernel.cgroup2_root)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from probes.kallsyms import PAGE, KernelSymbols
+from probes.kallsyms import PAGE, KernelSymbols, find_addresses
 
 KALLSYMS = """\
 ffffffff81000000 T _stext
@@ -58,6 +58,23 @@ def test_addresses_by_exact_name_and_hidden_addresses(tmp_path: Path) -> None:
     assert not write(tmp_path, hidden).available  # kptr_restrict: every address zero
 
 
+def test_a_scan_finds_core_symbols_by_whole_name_only(tmp_path: Path) -> None:
+    """``find_addresses``: the load-time lookup without the table. A module's symbol of the same
+    name, a longer name ending the same, a name absent and hidden addresses are all left out."""
+    kallsyms = KALLSYMS + "ffffffffc0100800 t _etext\t[ip_vs]\nffffffff81000400 T x_caller_b\n"
+    (tmp_path / "kallsyms").write_text(kallsyms)
+    assert find_addresses(tmp_path / "kallsyms", ("_stext", "_etext", "caller_b", "absent")) == {
+        "_stext": 0xFFFFFFFF81000000,
+        "_etext": 0xFFFFFFFF81000300,  # the core one, not the module's
+        "caller_b": 0xFFFFFFFF81000200,  # not x_caller_b
+    }
+    hidden = "".join("0" * 16 + line[16:] + "\n" for line in kallsyms.splitlines())
+    (tmp_path / "kallsyms").write_text(hidden)
+    assert find_addresses(tmp_path / "kallsyms", ("_stext", "caller_b")) == {}
+    with pytest.raises(OSError):
+        find_addresses(tmp_path / "absent", ("_stext",))
+
+
 def test_a_module_loaded_later_is_named_after_a_refresh_and_not_before(tmp_path: Path) -> None:
     syms = write(tmp_path)
     assert not syms.refresh()  # nothing changed: not read again
@@ -81,6 +98,8 @@ def test_this_machine_has_the_locking_code_bounds_in_a_compact_table() -> None:
         pytest.skip("kallsyms addresses need root")
     syms = KernelSymbols()
     assert syms.address("__sched_text_start") and syms.address("__lock_text_end")
+    bounds = ("__sched_text_start", "__lock_text_end")
+    assert find_addresses(Path("/proc/kallsyms"), bounds) == {name: syms.address(name) for name in bounds}
     spin = syms.address("_raw_spin_lock")
     assert spin is not None and syms.caller(spin + 4) == "_raw_spin_lock"
     with open("/proc/kallsyms") as f:

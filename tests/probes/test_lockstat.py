@@ -109,10 +109,11 @@ def test_unavailable_without_the_tracepoints_symbol_addresses_or_switch_counts(t
 
 
 def test_prefetch_reads_kallsyms_ahead_and_never_raises(tmp_path: Path) -> None:
-    """``prefetch()`` (run by the daemon on a helper thread while another probe compiles) leaves
-    /proc/kallsyms parsed for ``load()``; before the kernel's headers are known, or without any,
-    it does nothing (it never looks for headers itself); a check that raises is left for
-    ``load()`` to meet and report."""
+    """``prefetch()`` (run by the daemon on a helper thread while the probes compile) leaves the
+    locking code's bounds found for ``load()`` by a scan of /proc/kallsyms, without building the
+    symbol table, which ``settle()`` builds once the agent is ready; before the kernel's headers
+    are known, or without any, it does nothing (it never looks for headers itself); a check that
+    raises is left for ``load()`` to meet and report."""
 
     def probe_in(name: str, headers: object | None) -> LockstatProbe:
         host = HostPaths(tmp_path / name)
@@ -125,13 +126,16 @@ def test_prefetch_reads_kallsyms_ahead_and_never_raises(tmp_path: Path) -> None:
         return LockstatProbe(kernel, IdLabeler())  # no symbols given: read from kallsyms when asked
 
     probe = probe_in("ready", object())  # any headers but HeadersNotFound
-    assert "symbols" not in probe.__dict__
+    assert "_lock_text" not in probe.__dict__
     probe.prefetch()
+    assert probe.__dict__["_lock_text"] == (0xFFFFFFFF82265800, 0xFFFFFFFF8226FFB1)
+    assert "symbols" not in probe.__dict__  # the table waits for settle()
+    probe.settle()
     assert "symbols" in probe.__dict__ and probe.symbols.address("_raw_spin_lock") == 0xFFFFFFFF8226EC50
     for name, headers in (("none", HeadersNotFound("no headers in this test")), ("unknown", None)):
         waiting = probe_in(name, headers)
         waiting.prefetch()
-        assert "symbols" not in waiting.__dict__
+        assert "_lock_text" not in waiting.__dict__ and "symbols" not in waiting.__dict__
         assert headers is not None or "headers" not in waiting.kernel.__dict__  # not looked for here
     broken = probe_in("broken", object())
 

@@ -1,0 +1,116 @@
+"""The child side of probes/bcc_loader.py: compile, load and attach one BPF program with BCC, hand
+every file descriptor to the agent over a Unix socket (``SCM_RIGHTS``), and exit.
+
+Run as a script (``python -P bcc_child.py FD``), never imported by the agent: it imports the
+standard library and BCC only, so it starts in about 0.15 s, and clang and LLVM run here, never in
+the agent. Its ``oom_score_adj`` is 1000: out of memory while compiling, it goes first. It
+reads one JSON request on stdin (``text``, ``cflags``, ``env``: BCC's variables as the agent has
+them, ``functions``: extra ``[name, program type]`` to load besides BCC's auto-attached ones; an
+empty stdin: not needed, exit), builds ``bcc.BPF`` (compile, maps, then
+``_trace_autoload``: the verifier and the attach), and answers with one ``SOCK_SEQPACKET``
+message: a JSON description of every map (name, BCC's id, type, flags, size, key and leaf type
+descriptions), program and attachment, each fd given as an index into the message's fds; or
+``{"error": ...}`` with BCC's own message. Then it leaves with ``os._exit`` so that neither BCC's
+``atexit`` clean-up nor anything else detaches what the agent now holds: an attachment lives as
+long as any process holds its fd (perf event, raw tracepoint or link fd), and the agent has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+MAX_FDS = 253  # SCM_MAX_FD (include/net/scm.h): fds one message can carry
+
+
+def _names(d: dict[bytes, Any]) -> dict[str, Any]:
+    return {k.decode("latin-1"): v for k, v in d.items()}
+
+
+def describe(bpf: Any, fds: list[int]) -> dict[str, Any]:
+    """Everything the agent needs to rebuild ``bpf`` without its module; fds appended to ``fds``."""
+    from bcc import lib
+
+    # BCC's Python layer declares no types for these two (libbcc's bcc_common.h)
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+    def ref(fd: int) -> int:
+        fds.append(fd)
+        return len(fds) - 1
+
+    tables = []
+    for i in range(lib.bpf_num_tables(bpf.module)):
+        name = lib.bpf_table_name(bpf.module, i)
+        map_id = lib.bpf_table_id(bpf.module, name)
+        tables.append(
+            {
+                "name": name.decode("latin-1"),
+                "id": map_id,
+                "fd": ref(lib.bpf_table_fd(bpf.module, name)),
+                "type": lib.bpf_table_type_id(bpf.module, map_id),
+                "flags": lib.bpf_table_flags_id(bpf.module, map_id),
+                "max_entries": int(lib.bpf_table_max_entries_id(bpf.module, map_id)),
+                "key": lib.bpf_table_key_desc(bpf.module, name).decode(),
+                "leaf": lib.bpf_table_leaf_desc(bpf.module, name).decode(),
+            }
+        )
+    if bpf.uprobe_fds or bpf.open_perf_events or bpf.perf_buffers:
+        raise RuntimeError("uprobes, perf events and perf buffers cannot be handed over")
+    return {
+        "tables": tables,
+        "funcs": {name: ref(fn.fd) for name, fn in _names(bpf.funcs).items()},
+        "kprobe_fds": {ev: {fn: ref(fd) for fn, fd in _names(f).items()} for ev, f in _names(bpf.kprobe_fds).items()},
+        **{
+            attr: {name: ref(fd) for name, fd in _names(getattr(bpf, attr)).items()}
+            for attr in ("tracepoint_fds", "raw_tracepoint_fds", "kfunc_entry_fds", "kfunc_exit_fds", "lsm_fds")
+        },
+    }
+
+
+def main() -> int:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    try:  # if memory runs out while compiling, the kernel ends this process, not the agent
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    try:
+        from bcc import BPF  # before the request: a prespawned child is ready when it comes
+
+        raw = sys.stdin.buffer.read()
+        if not raw:  # a spare nobody needed
+            os._exit(0)
+        request = json.loads(raw)
+        for name, value in request["env"].items():  # what the agent has now, not at our start
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+        bpf = BPF(text=request["text"].encode(), cflags=request["cflags"])
+        for name, prog_type in request["functions"]:
+            bpf.load_func(name.encode(), prog_type)
+        fds: list[int] = []
+        reply = describe(bpf, fds)
+        if len(fds) > MAX_FDS:
+            raise RuntimeError(f"{len(fds)} descriptors: more than one message carries ({MAX_FDS})")
+    except Exception as e:  # BCC raises bare Exception: its message is the reason the agent records
+        reply, fds = {"error": f"{type(e).__name__}: {e}".strip()}, []
+    try:
+        socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+    except OSError as e:  # EMSGSIZE: more than the socket's buffer (about 208 kB); EPIPE: agent gone
+        with contextlib.suppress(OSError):
+            socket.send_fds(sock, [json.dumps({"error": f"the answer could not be sent: {e}"}).encode()], [])
+    sys.stderr.flush()
+    os._exit(0)  # no atexit: BCC's clean-up would detach what the agent now holds
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import Metric
 from host.paths import HostPaths
 from metrics import histogram
 from metrics.workload_series import Labels, Lookup
+from probes import bcc_loader
 from probes.bcc_loader import LoaderError, load_in_child
 from probes.btf import BTF, BTFError
 from probes.headers import HeadersNotFound, KernelHeaders, find_headers
@@ -269,7 +270,6 @@ class Probe(abc.ABC):
         self.workload_tables: dict[str, RowTableSeries] = {}
         self.keyed_tables: dict[str, RowTable] = {}  # row tables keyed by something else than a workload
         self._bpf: Any = None
-        self._map_fds: list[int] = []  # the maps' fds (BCC's table objects read through them; closed here)
         self._paused: Hooks | None = None  # what pause() detached
         self._lock = threading.Lock()
 
@@ -377,7 +377,6 @@ class Probe(abc.ABC):
                     text, cflags = self.render(strategy)
                     self._before_load(strategy)
                     self._bpf = load_in_child(text, cflags, self.functions(strategy), headers.path or None)
-                    self._map_fds = [t.map_fd for t in self._bpf.tables.values()]
                     self._attach_rows()
                     self._after_load(strategy)
                     self.attach = strategy
@@ -486,12 +485,9 @@ class Probe(abc.ABC):
         if self._bpf is not None:
             try:
                 detach_kprobes(self._bpf)  # before BCC's cleanup(), which would write kprobe_events
-                self._bpf.cleanup()
             finally:
-                self._bpf = None
-                for fd in self._map_fds:
-                    os.close(fd)
-                self._map_fds = []
+                bpf, self._bpf = self._bpf, None
+                bcc_loader.close(bpf)
 
     def close(self) -> None:
         """Detach and free everything; safe to call twice or on a probe that never loaded."""

@@ -189,6 +189,16 @@ def load_in_child(
         return Child().load(request)
 
 
+def close(bpf: Any) -> None:
+    """Detach and close everything a rebuilt ``bcc.BPF`` holds: BCC's ``cleanup()`` (attachments,
+    programs), then the map fds, which BCC leaves to the module this object does not have."""
+    try:
+        bpf.cleanup()
+    finally:
+        for t in bpf.tables.values():
+            os.close(t.map_fd)
+
+
 def _bytes(d: dict[str, Any]) -> dict[bytes, Any]:
     return {k.encode("latin-1"): v for k, v in d.items()}
 

@@ -121,9 +121,7 @@ def test_a_spare_that_died_waiting_is_replaced_and_a_stopping_agent_starts_none(
     dead.proc.kill()
     dead.proc.wait()
     bpf = load_in_child(PROGRAM, ["-DPID=1"], kernel_source=headers)  # on a new child
-    bpf.cleanup()
-    for t in bpf.tables.values():
-        os.close(t.map_fd)
+    bcc_loader.close(bpf)
     assert dead.proc.returncode == -9 and bcc_loader._spares == [] and bcc_loader._live == set()
     bcc_loader.abort_all()
     try:
@@ -140,9 +138,7 @@ def test_prespawned_children_are_used_then_the_spares_ended(headers: str) -> Non
     try:
         assert len(bcc_loader._spares) == 1
     finally:
-        bpf.cleanup()
-        for t in bpf.tables.values():
-            os.close(t.map_fd)
+        bcc_loader.close(bpf)
     bcc_loader.discard_spares()
     assert bcc_loader._spares == [] and bcc_loader._live == set()
     assert [c.proc.returncode for c in spares] == [0, 0]

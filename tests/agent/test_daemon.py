@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agent.config import AgentConfig
-from agent.daemon import Agent, prefetch_in_order
+from agent.daemon import Agent, longest_first, prefetch_in_order
 from host.paths import HostPaths
 from probes import bpfsys, reclaim
 from probes.base import KernelFacts, Probe
@@ -329,6 +329,7 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -
     m = parse_metrics(body)
     up = {s.labels["probe"]: s.value for s in m["nodetune_probe_up"]}
     assert up == {"runqlat": 1.0, "lockstat": 1.0, "connect": 1.0, "broken": 0.0}
+    assert list(agent.probes) == ["runqlat", "lockstat", "connect", "broken"]  # loaded longest first
     assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
     assert success == {**UNITS_UP, "raising": 0.0}
@@ -549,3 +550,19 @@ def test_prefetch_in_order_sets_every_event_whatever_happens() -> None:
     events = prefetch_in_order([_Prefetching("a", order)], stopped)  # type: ignore[list-item]
     assert all(e.wait(30) for e in events) and order == []
     assert prefetch_in_order([], threading.Event()) == []
+
+
+class _Sized(BrokenProbe):
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def source(self) -> str:
+        if self.size < 0:
+            raise FileNotFoundError("no such C source")
+        return "x" * self.size
+
+
+def test_loads_start_longest_source_first_ties_in_order_unreadable_last() -> None:
+    probes = [_Sized("a", 10), _Sized("b", -1), _Sized("c", 30), _Sized("d", 10), _Sized("e", 0)]
+    assert [p.name for p in longest_first(probes)] == ["c", "a", "d", "e", "b"]  # type: ignore[arg-type]
+    assert longest_first([]) == []

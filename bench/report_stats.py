@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 MET, NOT_MET, NOISE = "met", "not met", "not shown beyond noise"
+BOUND_ABOVE = "not shown by the bound"  # an upper bound over the limit says nothing of the figure itself
 RESAMPLES = 2000
 
 
@@ -87,11 +88,15 @@ def summarize(values: Sequence[float], stat: str = "median") -> dict[str, Any]:
     }
 
 
-def verdict(summary: dict[str, Any], limit: float) -> str:
-    """met / not met / not shown beyond noise, for "figure <= limit"."""
+def verdict(summary: dict[str, Any], limit: float, upper_bound: bool = False) -> str:
+    """met / not met / not shown beyond noise, for "figure <= limit". ``upper_bound``: the values
+    bound the figure from above (it is at most they), so they can show it within the limit, never
+    beyond it."""
     lo, hi = summary["ci95"]
     if hi <= limit:
         return MET
+    if upper_bound:
+        return BOUND_ABOVE
     if lo > limit:
         return NOT_MET
     return NOISE

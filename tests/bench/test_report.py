@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bench import report
-from bench.report_stats import MET, NOISE, NOT_MET, bootstrap_ci, percentile, summarize, verdict
+from bench.report_stats import BOUND_ABOVE, MET, NOISE, NOT_MET, bootstrap_ci, percentile, summarize, verdict
 
 
 def test_percentile_interpolates_between_ranks_like_numpy() -> None:
@@ -56,6 +56,13 @@ def test_verdict_against_a_limit(ci: list[float], expected: str) -> None:
     assert verdict({"ci95": ci}, 1.05) == expected
 
 
+@pytest.mark.parametrize(
+    ("ci", "expected"), [([0.98, 1.05], MET), ([1.051, 1.2], BOUND_ABOVE), ([1.01, 1.08], BOUND_ABOVE)]
+)
+def test_an_upper_bound_shows_a_budget_met_never_missed(ci: list[float], expected: str) -> None:
+    assert verdict({"ci95": ci}, 1.05, upper_bound=True) == expected
+
+
 def raw_runs() -> dict[str, dict[str, Any]]:
     """What each benchmark's --json writes, small: the shapes report.py reads."""
     start = {"healthz_s": 0.5, "settled_s": 1.0, "steps": {}, "anon_ready": 60, "anon_scraped": 62}
@@ -73,11 +80,13 @@ def raw_runs() -> dict[str, dict[str, Any]]:
         "command": "bench/lock_storm 4 200000",
         "ratios": {**lock, "lockstat timing every wait": [1.2, 1.18, 1.22, 1.19, 1.21], "off": [1e6] * 5},
         "ns_per_event": {"defaults": {"lockstat:begin": [115, 10]}, "timed_waits=0": {"lockstat:begin": [176, 10]}},
+        "bpf_bound": {"defaults": [1.10, 1.12, 1.09], "timed_waits=0": [1.3, 1.31, 1.29]},
     }
     connect = {
         "command": "bench/connect_storm 10000",
         "ratios": {"connect tracepoint": [1.1, 1.2, 1.15], "empty tracepoint": [1.0, 1.02, 1.01], "off": [1] * 3},
         "ns_per_event": {"tracepoint": {"connect:prog": [180, 60000]}},
+        "bpf_bound": {"tracepoint": [1.011, 1.012, 1.010]},
         "refused": {"fexit": "EPERM"},
     }
     wl_round = {
@@ -139,6 +148,10 @@ def test_figures_and_verdicts_from_every_benchmark() -> None:
     assert budgets["locks.lock_storm"]["verdict"] == MET  # 1.00..1.03
     assert budgets["locks.connect"]["verdict"] == NOT_MET  # every round 1.1 or more
     assert figures["locks.connect"]["floor"]["label"] == "empty tracepoint"
+    # the programs' own time as a bound, judged on its own: within the budget it shows it met;
+    # above it, nothing
+    assert budgets["locks.connect_bpf"]["verdict"] == MET
+    assert budgets["locks.lock_storm_bpf"]["verdict"] == BOUND_ABOVE
     assert budgets["runqlat.pipe.ratio"]["verdict"] == MET
     # idle: 6-scrape windows; the agent used 0.02 s per scrape, the exporter 0.04
     assert figures["idle.cpu_per_scrape"]["summary"]["median"] == pytest.approx(20.0)

@@ -18,12 +18,14 @@ BCC's front end reads all of ``/proc/kallsyms`` into a symbol table on every com
 whether ``bpf_probe_read_kernel`` and ``bpf_probe_read_user`` exist (bcc
 src/cc/frontends/clang/b_frontend_action.cc, ``check_bpf_probe_read_kernel``): 0.2 s of the
 0.35 s an almost empty program takes to compile here (122,000 symbols; more on a node with many
-modules). So before its request comes, the child enters a mount namespace of its own (private
-propagation: nothing it mounts reaches the host) and puts over ``/proc/kallsyms`` a file of just
-those two symbols' lines, copied from the real one (``hide_kallsyms``): BCC's answer is the same.
-The file lives on a tmpfs mounted in that namespace, which ends with the child. The real file is
-back before BCC's auto-attach and anything after it. Where any step fails (no ``CAP_SYS_ADMIN``,
-no ``/dev/shm``), BCC reads the real file as before.
+modules). So the child copies those two symbols' lines from the real file before its request comes (the
+slow part), and once it has come (so that it sees the mounts the agent has made meanwhile) enters a
+mount namespace of its own, private (nothing it mounts reaches the host), and puts a file of those
+lines over ``/proc/kallsyms`` (``hide_kallsyms``): BCC's answer is the same. The file is written
+on a tmpfs mounted over ``/dev/shm`` in that namespace, detached again once the file is bound.
+The real file is back before BCC's auto-attach and anything after it, or the load fails. Where any
+step fails (no ``CAP_SYS_ADMIN``, an LSM that denies mounts, no ``/dev/shm``), BCC reads the real
+file as before, and the reply says why (``kallsyms_not_hidden``).
 """
 
 from __future__ import annotations
@@ -114,36 +116,58 @@ def kallsyms_lines(data: bytes, names: tuple[bytes, ...] = PROBE_READ_SYMBOLS) -
     return b"".join(out)
 
 
-def hide_kallsyms(source: str = KALLSYMS) -> Callable[[], None] | None:
-    """Enter a mount namespace of this process's own, private, and mount a file of the lines of
-    ``source`` that BCC's compile asks for over ``/proc/kallsyms`` (see the module's docstring).
-    Returns what puts the real file back, or None (nothing hidden) if any step fails."""
+def read_kallsyms_lines(source: str = KALLSYMS) -> bytes | None:
+    """The lines of ``source`` BCC's compile asks for (``kallsyms_lines``), or None if unreadable.
+    The slow part of hiding (reading the file: 0.05 s here), done before the request comes."""
+    try:
+        with open(source, "rb") as f:
+            return kallsyms_lines(f.read())
+    except OSError:
+        return None
+
+
+def hide_kallsyms(lines: bytes) -> tuple[Callable[[], None] | None, str | None]:
+    """Enter a mount namespace of this process's own, private, and mount a file of ``lines`` over
+    ``/proc/kallsyms`` (see the module's docstring). Done once the request has come, so that the
+    namespace copies the mounts the agent has made meanwhile (debugfs for a tracepoint strategy).
+    Returns what puts the real file back, and None; or None (nothing hidden) and why not."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+    def failed(what: str) -> tuple[None, str]:
+        return None, f"{what}: {os.strerror(ctypes.get_errno())}"
+
     try:
-        with open(source, "rb") as f:
-            lines = kallsyms_lines(f.read())
-    except OSError:
-        return None
-    if not os.path.isdir(SCRATCH) or libc.unshare(CLONE_NEWNS) != 0:
-        return None
-    # The new namespace's mounts are copies that still share propagation with the host's:
-    # made private first, or the mounts below would appear on the host (mount_namespaces(7)).
-    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        return None
-    if libc.mount(b"nodetune", SCRATCH.encode(), b"tmpfs", 0, b"size=64k,mode=0700") != 0:
-        return None
-    path = os.path.join(SCRATCH, "kallsyms")
-    with open(path, "wb") as f:
-        f.write(lines)
-    if libc.mount(path.encode(), KALLSYMS.encode(), None, MS_BIND, None) != 0:
-        return None
+        if not os.path.isdir(SCRATCH):
+            return None, f"no {SCRATCH}"
+        if libc.unshare(CLONE_NEWNS) != 0:
+            return failed("unshare(CLONE_NEWNS)")
+        # The new namespace's mounts are copies that still share propagation with the host's:
+        # made private first, or the mounts below would appear on the host (mount_namespaces(7)).
+        if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            return failed("making the mounts private")
+        if libc.mount(b"nodetune", SCRATCH.encode(), b"tmpfs", 0, b"size=64k,mode=0700") != 0:
+            return failed(f"a tmpfs on {SCRATCH}")
+        try:
+            path = os.path.join(SCRATCH, "kallsyms")
+            with open(path, "wb") as f:
+                f.write(lines)
+            if libc.mount(path.encode(), KALLSYMS.encode(), None, MS_BIND, None) != 0:
+                return failed(f"a bind mount on {KALLSYMS}")
+        finally:  # the bound file outlives its tmpfs, and the real /dev/shm is back for BCC
+            libc.umount2(SCRATCH.encode(), MNT_DETACH)
+    except Exception as e:  # whatever it is, BCC still compiles, with the real file
+        return None, f"{type(e).__name__}: {e}"
 
     def restore() -> None:
-        libc.umount2(KALLSYMS.encode(), MNT_DETACH)
+        """The real /proc/kallsyms again, or OSError: BCC's attach must not see two lines."""
+        if libc.umount2(KALLSYMS.encode(), MNT_DETACH) != 0:
+            raise OSError(ctypes.get_errno(), f"{KALLSYMS} could not be put back")
+        if os.stat(KALLSYMS).st_dev != os.stat("/proc").st_dev:
+            raise OSError(f"{KALLSYMS} is not procfs's after it was put back")
 
-    return restore
+    return restore, None
 
 
 def main() -> int:
@@ -156,15 +180,7 @@ def main() -> int:
     try:
         from bcc import BPF  # before the request: a prespawned child is ready when it comes
 
-        restore = hide_kallsyms()
-
-        class Loader(BPF):  # type: ignore[misc]
-            def _trace_autoload(self) -> None:
-                """Compiled: the real /proc/kallsyms for the attach and everything after."""
-                if restore is not None:
-                    restore()
-                super()._trace_autoload()
-
+        lines = read_kallsyms_lines()
         raw = sys.stdin.buffer.read()
         if not raw:  # a spare nobody needed
             os._exit(0)
@@ -175,11 +191,21 @@ def main() -> int:
             else:
                 os.environ[name] = value
 
+        restore, not_hidden = hide_kallsyms(lines) if lines is not None else (None, f"{KALLSYMS} unreadable")
+
+        class Loader(BPF):  # type: ignore[misc]
+            def _trace_autoload(self) -> None:
+                """Compiled: the real /proc/kallsyms for the attach and everything after."""
+                if restore is not None:
+                    restore()
+                super()._trace_autoload()
+
         bpf = Loader(text=request["text"].encode(), cflags=request["cflags"])
         for name, prog_type in request["functions"]:
             bpf.load_func(name.encode(), prog_type)
         fds: list[int] = []
         reply = describe(bpf, fds)
+        reply["kallsyms_not_hidden"] = not_hidden
         if len(fds) > MAX_FDS:
             raise RuntimeError(f"{len(fds)} descriptors: more than one message carries ({MAX_FDS})")
     except Exception as e:  # BCC raises bare Exception: its message is the reason the agent records

@@ -57,6 +57,16 @@ _lock = threading.Lock()
 _spares: list[Child] = []
 _live: set[Child] = set()  # started and not yet reaped: abort_all() ends them
 _aborted = False
+_told: set[str] = set()  # what _once has logged
+
+
+def _once(key: str, message: str, *args: object) -> None:
+    """Log ``message`` at info the first time ``key`` comes, never again in this process."""
+    with _lock:
+        if key in _told:
+            return
+        _told.add(key)
+    log.info(message, *args)
 
 
 class Child:
@@ -65,6 +75,7 @@ class Child:
     so that a terminal's Ctrl-C reaches the agent, which ends it (``abort_all``)."""
 
     def __init__(self) -> None:
+        self.kallsyms_not_hidden: str | None = None  # the child's reply: why BCC read all of it
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # -P: the script's directory (probes/) is not put first on the child's import path
         flags = ["-P"] if sys.version_info >= (3, 11) else []
@@ -109,6 +120,14 @@ class Child:
                 raise LoaderError(reply["error"])
             bpf = rebuild(reply, fds)
             fds = []  # the BPF object owns them now
+            self.kallsyms_not_hidden = reply.get("kallsyms_not_hidden")
+            if self.kallsyms_not_hidden:
+                _once(
+                    "kallsyms",
+                    "BCC reads all of /proc/kallsyms on every compile here (about 0.2 s each): "
+                    "it could not be shown only the two lines it needs (%s)",
+                    self.kallsyms_not_hidden,
+                )
             return bpf
         finally:
             self.end()

@@ -329,7 +329,7 @@ def test_probe_that_fails_to_load_leaves_the_agent_serving(header_cache: Path) -
     m = parse_metrics(body)
     up = {s.labels["probe"]: s.value for s in m["nodetune_probe_up"]}
     assert up == {"runqlat": 1.0, "lockstat": 1.0, "connect": 1.0, "broken": 0.0}
-    assert list(agent.probes) == ["runqlat", "lockstat", "connect", "broken"]  # loaded longest first
+    assert list(agent.probes) == ["runqlat", "lockstat", "connect", "broken"]  # the configured order
     assert "Failed to attach BPF to raw tracepoint" in agent.probes["broken"].skipped["raw_tracepoint"]
     success = {s.labels["collector"]: s.value for s in m["nodetune_scrape_collector_success"]}
     assert success == {**UNITS_UP, "raising": 0.0}
@@ -553,16 +553,41 @@ def test_prefetch_in_order_sets_every_event_whatever_happens() -> None:
 
 
 class _Sized(BrokenProbe):
-    def __init__(self, name: str, size: int) -> None:
-        self.name, self.size = name, size
+    """A probe of a given source size whose prefetch and load record their calls."""
+
+    def __init__(self, name: str, size: int, calls: list[str] | None = None) -> None:
+        super().__init__(KernelFacts())
+        self.name, self.size, self.calls = name, size, calls if calls is not None else []
 
     def source(self) -> str:
         if self.size < 0:
             raise FileNotFoundError("no such C source")
         return "x" * self.size
 
+    def prefetch(self) -> None:
+        self.calls.append(self.name)
+
+    def load(self) -> None:
+        self.attach = "recorded"
+
 
 def test_loads_start_longest_source_first_ties_in_order_unreadable_last() -> None:
     probes = [_Sized("a", 10), _Sized("b", -1), _Sized("c", 30), _Sized("d", 10), _Sized("e", 0)]
-    assert [p.name for p in longest_first(probes)] == ["c", "a", "d", "e", "b"]  # type: ignore[arg-type]
+    assert [probes[i].name for i in longest_first(probes)] == ["c", "a", "d", "e", "b"]  # type: ignore[arg-type]
     assert longest_first([]) == []
+
+
+def test_the_agent_starts_loads_longest_first_and_registers_them_as_configured(header_cache: Path) -> None:
+    """The agent's own loading: prefetches (and so loads) in ``longest_first`` order, each
+    probe's outcome under its own name, registered in the configured order."""
+    calls: list[str] = []
+    extra = [_Sized("short", 5, calls), _Sized("long", 50, calls), _Sized("mid", 20, calls)]
+    config = AgentConfig(listen_host="127.0.0.1", listen_port=free_port(), cache_dir=header_cache, probes=())
+    agent = Agent(config, extra_probes=extra)  # type: ignore[arg-type]
+    try:
+        agent.load_probes()
+    finally:
+        agent.close()
+    assert calls == ["long", "mid", "short"]
+    assert list(agent.probes) == ["short", "long", "mid"]
+    assert {name: state.attach for name, state in agent.probes.items()} == dict.fromkeys(calls, "recorded")

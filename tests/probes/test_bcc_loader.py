@@ -4,6 +4,7 @@ by its file descriptors, and working in this process; failures of the child repo
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def test_the_program_runs_attached_and_its_maps_work_here(headers: str) -> None:
     )
     try:
         assert child.proc.returncode == 0
+        assert child.kallsyms_not_hidden is None  # BCC compiled with the two lines, attached with all
         assert bpf.module is None
         before = calls(bpf)
         wait_until(lambda: os.getppid() and calls(bpf) > before + 10, what="syscalls counted")
@@ -142,3 +144,36 @@ def test_prespawned_children_are_used_then_the_spares_ended(headers: str) -> Non
     bcc_loader.discard_spares()
     assert bcc_loader._spares == [] and bcc_loader._live == set()
     assert [c.proc.returncode for c in spares] == [0, 0]
+
+
+def waiting_for_its_request(child: Child) -> bool:
+    """The child is blocked in read(0, ...): BCC imported, its request not sent yet."""
+    fields = Path(f"/proc/{child.proc.pid}/syscall").read_text().split()
+    return fields[:2] == ["0", "0x0"]
+
+
+def test_a_spare_sees_what_is_mounted_after_it_started(headers: str, tmp_path: Path) -> None:
+    """A prespawned child waits for its request in the agent's mount namespace, so a mount the
+    agent makes meanwhile (debugfs, before a tracepoint strategy's compile) is seen: here a tmpfs
+    holding a header the program includes."""
+    child = Child()
+    try:
+        wait_until(lambda: waiting_for_its_request(child), what="the child waiting for its request")
+        late = tmp_path / "late"
+        late.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "nodetune-test", str(late)], check=True)
+        try:
+            (late / "late.h").write_text("#define LATE 7\n")
+            bpf = child.load(
+                {
+                    "text": '#include "late.h"\nint f(void *ctx) { return LATE; }',
+                    "cflags": [f"-I{late}"],
+                    "functions": [],
+                    "env": {"BCC_KERNEL_SOURCE": headers},
+                }
+            )
+            bcc_loader.close(bpf)
+        finally:
+            subprocess.run(["umount", str(late)], check=True)
+    finally:
+        child.end()

@@ -116,6 +116,9 @@ def kallsyms_lines(data: bytes, names: tuple[bytes, ...] = PROBE_READ_SYMBOLS) -
     return b"".join(out)
 
 
+RESTORED: list[bool] = []  # appended to when restore() has put the real file back: said in the reply
+
+
 def read_kallsyms_lines(source: str = KALLSYMS) -> bytes | None:
     """The lines of ``source`` BCC's compile asks for (``kallsyms_lines``), or None if unreadable.
     The slow part of hiding (reading the file: 0.05 s here), done before the request comes."""
@@ -141,6 +144,7 @@ def hide_kallsyms(lines: bytes) -> tuple[Callable[[], None] | None, str | None]:
     try:
         if not os.path.isdir(SCRATCH):
             return None, f"no {SCRATCH}"
+        real = os.stat(KALLSYMS)  # what is there now (procfs's, or a runtime's mask): put back after
         if libc.unshare(CLONE_NEWNS) != 0:
             return failed("unshare(CLONE_NEWNS)")
         # The new namespace's mounts are copies that still share propagation with the host's:
@@ -149,23 +153,30 @@ def hide_kallsyms(lines: bytes) -> tuple[Callable[[], None] | None, str | None]:
             return failed("making the mounts private")
         if libc.mount(b"nodetune", SCRATCH.encode(), b"tmpfs", 0, b"size=64k,mode=0700") != 0:
             return failed(f"a tmpfs on {SCRATCH}")
+        bound = False
         try:
             path = os.path.join(SCRATCH, "kallsyms")
             with open(path, "wb") as f:
                 f.write(lines)
             if libc.mount(path.encode(), KALLSYMS.encode(), None, MS_BIND, None) != 0:
                 return failed(f"a bind mount on {KALLSYMS}")
+            bound = True
         finally:  # the bound file outlives its tmpfs, and the real /dev/shm is back for BCC
-            libc.umount2(SCRATCH.encode(), MNT_DETACH)
+            if libc.umount2(SCRATCH.encode(), MNT_DETACH) != 0 and bound:
+                why = failed(f"detaching the tmpfs on {SCRATCH}")
+                libc.umount2(KALLSYMS.encode(), MNT_DETACH)
+                return why  # noqa: B012 - the real file is back: compile with it
     except Exception as e:  # whatever it is, BCC still compiles, with the real file
         return None, f"{type(e).__name__}: {e}"
 
     def restore() -> None:
-        """The real /proc/kallsyms again, or OSError: BCC's attach must not see two lines."""
+        """The file that was there again, or OSError: BCC's attach must not see two lines."""
         if libc.umount2(KALLSYMS.encode(), MNT_DETACH) != 0:
             raise OSError(ctypes.get_errno(), f"{KALLSYMS} could not be put back")
-        if os.stat(KALLSYMS).st_dev != os.stat("/proc").st_dev:
-            raise OSError(f"{KALLSYMS} is not procfs's after it was put back")
+        now = os.stat(KALLSYMS)
+        if (now.st_dev, now.st_ino) != (real.st_dev, real.st_ino):
+            raise OSError(f"{KALLSYMS} is not the file it was after it was put back")
+        RESTORED.append(True)
 
     return restore, None
 
@@ -206,6 +217,7 @@ def main() -> int:
         fds: list[int] = []
         reply = describe(bpf, fds)
         reply["kallsyms_not_hidden"] = not_hidden
+        reply["kallsyms_restored"] = bool(RESTORED)
         if len(fds) > MAX_FDS:
             raise RuntimeError(f"{len(fds)} descriptors: more than one message carries ({MAX_FDS})")
     except Exception as e:  # BCC raises bare Exception: its message is the reason the agent records

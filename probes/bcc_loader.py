@@ -76,6 +76,7 @@ class Child:
 
     def __init__(self) -> None:
         self.kallsyms_not_hidden: str | None = None  # the child's reply: why BCC read all of it
+        self.kallsyms_restored = False  # the child's reply: the real file was back for the attach
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # -P: the script's directory (probes/) is not put first on the child's import path
         flags = ["-P"] if sys.version_info >= (3, 11) else []
@@ -121,11 +122,12 @@ class Child:
             bpf = rebuild(reply, fds)
             fds = []  # the BPF object owns them now
             self.kallsyms_not_hidden = reply.get("kallsyms_not_hidden")
+            self.kallsyms_restored = bool(reply.get("kallsyms_restored"))
             if self.kallsyms_not_hidden:
                 _once(
                     "kallsyms",
-                    "BCC reads all of /proc/kallsyms on every compile here (about 0.2 s each): "
-                    "it could not be shown only the two lines it needs (%s)",
+                    "BCC's compile could not be shown only the two lines of /proc/kallsyms it needs "
+                    "(%s): each compile takes about 0.2 s longer",
                     self.kallsyms_not_hidden,
                 )
             return bpf

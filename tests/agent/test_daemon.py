@@ -568,7 +568,7 @@ class _Sized(BrokenProbe):
         self.calls.append(self.name)
 
     def load(self) -> None:
-        self.attach = "recorded"
+        self.attach = f"recorded-{self.name}"
 
 
 def test_loads_start_longest_source_first_ties_in_order_unreadable_last() -> None:
@@ -577,6 +577,7 @@ def test_loads_start_longest_source_first_ties_in_order_unreadable_last() -> Non
     assert longest_first([]) == []
 
 
+@pytest.mark.bpf  # real loader children are started ahead (prespawn), and the header cache read
 def test_the_agent_starts_loads_longest_first_and_registers_them_as_configured(header_cache: Path) -> None:
     """The agent's own loading: prefetches (and so loads) in ``longest_first`` order, each
     probe's outcome under its own name, registered in the configured order."""
@@ -590,4 +591,6 @@ def test_the_agent_starts_loads_longest_first_and_registers_them_as_configured(h
         agent.close()
     assert calls == ["long", "mid", "short"]
     assert list(agent.probes) == ["short", "long", "mid"]
-    assert {name: state.attach for name, state in agent.probes.items()} == dict.fromkeys(calls, "recorded")
+    assert {name: (state.name, state.attach) for name, state in agent.probes.items()} == {
+        name: (name, f"recorded-{name}") for name in calls
+    }

@@ -83,7 +83,7 @@ def mounts():
         return f.read()
 before = mounts()
 out = subprocess.run([sys.executable, "-c", os.environ["COMPILE"], sys.argv[1]],
-                     capture_output=True, text=True, check=True).stdout
+                     stdout=subprocess.PIPE, text=True, check=True).stdout  # its stderr: the test's
 print(json.dumps({"out": out, "shared": " shared:" in before, "mounts": before.count("\n"),
                   "unchanged": mounts() == before}))
 """

@@ -139,10 +139,6 @@ BUDGETS: list[tuple[str, str, float]] = [
     ("runqlat.messaging.ratio", "runqlat per-event cost ≤ runqlat-bpfcc's (hackbench)", 1.0),
 ]
 
-# Budgets whose figure is an upper bound (bench/lock_connect_overhead.py per_event): it can show
-# the budget met, never missed.
-UPPER_BOUNDS = {"locks.lock_storm_bpf", "locks.connect_bpf"}
-
 
 # ---------------------------------------------------------------------------------------------
 # Running
@@ -212,8 +208,12 @@ def figure(
     peer: tuple[str, list[float]] | None = None,
     floor: tuple[str, list[float]] | None = None,
     note: str = "",
+    upper_bound: bool = False,
 ) -> dict[str, Any]:
+    """``upper_bound``: the values bound the figure from above (it can show a budget met, never missed)."""
     f: dict[str, Any] = {"id": fid, "label": label, "unit": unit, "command": command, "note": note}
+    if upper_bound:
+        f["upper_bound"] = True
     f["summary"] = summarize(values, stat)
     f["values"] = values
     if peer:
@@ -224,20 +224,17 @@ def figure(
 
 
 def where_a_start_goes(starts: list[dict[str, Any]]) -> str:
-    """Medians of a start's steps, from the agent's log: '/healthz 0.52 s (interpreter, imports);
-    headers 0.01 s; probes 1.11 s after the headers'."""
-
-    def median_of(key: str, steps: bool = True) -> float | None:
-        values = [s["steps"][key] if steps else s[key] for s in starts if key in (s["steps"] if steps else s)]
-        return statistics.median(values) if values else None
-
+    """Medians of a start's steps, from the agent's log: 'medians: /healthz at 0.47 s (...);
+    headers 0.01 s (...); headers and probes 0.99 s'."""
     parts = []
-    if (healthz := median_of("healthz_s", steps=False)) is not None:
-        parts.append(f"/healthz at {healthz:.2f} s (interpreter, imports, server)")
-    if (headers := median_of("headers ready")) is not None:
-        parts.append(f"headers {headers:.2f} s (merged into the cache when cold)")
-    if (probes := median_of("probes loaded")) is not None:
-        parts.append(f"headers and probes {probes:.2f} s")
+    for key, text in (
+        ("healthz_s", "/healthz at {:.2f} s (interpreter, imports, server)"),
+        ("headers ready", "headers {:.2f} s (merged into the cache when cold)"),
+        ("probes loaded", "headers and probes {:.2f} s"),
+    ):
+        values = [s[key] if key in s else s["steps"][key] for s in starts if key in s or key in s["steps"]]
+        if values:
+            parts.append(text.format(statistics.median(values)))
     return "medians: " + "; ".join(parts) if parts else ""
 
 
@@ -489,6 +486,7 @@ def locks_figures(raw: dict[str, Any], command: str) -> list[dict[str, Any]]:
                     s["bpf_bound"]["defaults"],
                     command,
                     note=BOUND_NOTE,
+                    upper_bound=True,
                 )
             )
     if "epoll" in raw:
@@ -534,6 +532,7 @@ def locks_figures(raw: dict[str, Any], command: str) -> list[dict[str, Any]]:
                         s["bpf_bound"][strategy],
                         command,
                         note=BOUND_NOTE,
+                        upper_bound=True,
                     )
                 )
     if "syscall" in raw:
@@ -579,7 +578,8 @@ def build(runs: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, An
         bench = fid.split(".")[0]
         b: dict[str, Any] = {"figure": fid, "budget": text, "limit": limit}
         if fid in by_id:
-            b["verdict"] = verdict(by_id[fid]["summary"], limit, upper_bound=fid in UPPER_BOUNDS)
+            f = by_id[fid]
+            b["verdict"] = verdict(f["summary"], limit, upper_bound=f.get("upper_bound", False))
         else:
             run = runs.get(bench)
             b["verdict"] = "not measured"

@@ -74,7 +74,7 @@ def ratios(plt: Any, report: dict[str, Any], by_id: dict[str, Any]) -> Any:
     rows: list[tuple[str, list[float]]] = []
     for f in figs:
         name = f["id"].split(".", 1)[1]
-        name = name.removesuffix("_bpf")[:28] + " (bpf_stats bound)" if name.endswith("_bpf") else name[:40]
+        name = name.removesuffix("_bpf")[:28] + " (bpf_stats bound)" if f.get("upper_bound") else name[:40]
         rows.append((name, f["values"]))
         if "floor" in f:
             rows.append(("  " + f["floor"]["label"][:38], f["floor"]["values"]))

@@ -98,7 +98,9 @@ def describe(bpf: Any, fds: list[int]) -> dict[str, Any]:
 
 def kallsyms_lines(data: bytes, names: tuple[bytes, ...] = PROBE_READ_SYMBOLS) -> bytes:
     """The lines of a ``/proc/kallsyms`` text (``address type name[\tmodule]``) whose name is one
-    of ``names``, verbatim and in order of ``names``: nothing else is looked at."""
+    of ``names``, verbatim and in order of ``names``: nothing else is looked at. (The agent's
+    probes/kallsyms.find_addresses searches the same way for addresses of core symbols; this
+    script imports the standard library only, and BCC must see every such line as it is.)"""
     out = []
     for name in names:
         needle = b" " + name
